@@ -1,0 +1,86 @@
+"""The one hook into a model's attention layers.
+
+Every forward the engine runs goes through :func:`hooked`, which swaps the model's
+attention implementation for :func:`_attention`, a thin wrapper over PyTorch's
+``scaled_dot_product_attention``. The wrapper hands each layer's post-RoPE queries and
+its whole key cache to the active *observers* (the scoring policies), then computes
+attention exactly as the model would. Nothing of the model's code is copied: the layers
+still project, rotate and cache; only the attention kernel call is ours.
+
+Because the engine runs batch size 1 without padding, the mask is always the causal
+"tail" pattern: the ``q`` new tokens are the last ``q`` of the ``k`` cached ones. We build
+it here instead of letting Hugging Face build one from the cache length, which lets
+layers hold different numbers of entries after eviction (PyramidKV).
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTN_NAME = "lookaheadkv"
+
+# observer(layer_idx, query, key, scaling); query (1, heads, q, d), key (1, kv_heads, k, d)
+Observer = Callable[[int, torch.Tensor, torch.Tensor, float], None]
+
+_state = threading.local()
+
+
+def _observers() -> Sequence[Observer]:
+    return getattr(_state, "observers", ())
+
+
+def tail_causal_mask(q: int, k: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask (q, k) letting query row i see keys ``0 .. k - q + i``; None when q == 1."""
+    if q == 1:
+        return None
+    rows = torch.arange(q, device=device)[:, None]
+    cols = torch.arange(k, device=device)[None, :]
+    return cols <= rows + (k - q)
+
+
+def _attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
+    if query.shape[0] != 1:
+        raise ValueError(f"lookaheadkv runs batch size 1, got a batch of {query.shape[0]}")
+    q, k = query.shape[2], key.shape[2]
+    if sliding_window is not None and k > sliding_window:
+        raise NotImplementedError(
+            f"layer {module.layer_idx} uses sliding-window attention ({sliding_window} tokens) and the sequence "
+            f"has {k}; sliding-window layers are not supported: use a model or config without them"
+        )
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    for observe in _observers():
+        observe(module.layer_idx, query, key, scaling)
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=None if q == k else tail_causal_mask(q, k, query.device),
+        is_causal=q == k and q > 1,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_NAME, _attention)
+
+
+@contextmanager
+def hooked(model: torch.nn.Module, observers: Sequence[Observer | None] = ()) -> Iterator[None]:
+    """Run ``model`` through the engine's attention, calling ``observers`` in every layer."""
+    config = model.config
+    previous_impl = config._attn_implementation
+    previous_observers = _observers()
+    config._attn_implementation = ATTN_NAME
+    _state.observers = tuple(o for o in observers if o is not None)
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous_impl
+        _state.observers = previous_observers

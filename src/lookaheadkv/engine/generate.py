@@ -1,0 +1,192 @@
+"""prefill -> scores -> keep top-k per KV head -> decode: the whole pipeline in one call."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .cache import kv_bytes, lengths
+from .decode import Sampling, decode
+from .evict import evict, select
+from .prefill import Prefill, prefill
+
+
+@dataclass
+class Compressed:
+    """A prompt's cache after eviction, ready to decode from."""
+
+    prefill: Prefill
+    cache: object  # DynamicCache
+    kept: list[torch.Tensor] | None  # per layer (kv_heads, k) kept prompt positions; None = all
+    score_seconds: float
+    evict_seconds: float
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int
+    kept_per_layer: list[int]
+    kv_bytes_before: int
+    kv_bytes_after: int
+    prefill_seconds: float
+    eviction_seconds: float  # scoring + top-k + gather
+    decode_seconds: float = 0.0
+    new_tokens: int = 0
+
+    def line(self) -> str:
+        kept = sorted(set(self.kept_per_layer))
+        kept_txt = str(kept[0]) if len(kept) == 1 else f"{min(kept)}-{max(kept)}"
+        return (
+            f"prompt {self.prompt_tokens} tok | kept/layer {kept_txt} | KV {self.kv_bytes_before / 2**20:.2f} MiB"
+            f" -> {self.kv_bytes_after / 2**20:.2f} MiB | prefill {self.prefill_seconds:.2f}s"
+            f" | eviction {self.eviction_seconds * 1000:.1f}ms | decode {self.new_tokens} tok in {self.decode_seconds:.2f}s"
+        )
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    stats: Stats
+    kept: list[torch.Tensor] | None = field(default=None, repr=False)
+
+
+def compress(model: torch.nn.Module, state: Prefill, policy, observer=None) -> Compressed:
+    """Score ``state``'s prompt with ``policy`` and build the evicted cache (``state`` is untouched)."""
+    start = time.perf_counter()
+    scores = policy.scores(model, state, observer)
+    scored = time.perf_counter()
+    if scores is None:
+        return Compressed(state, state.cache, None, scored - start, 0.0)
+    budgets = policy.layer_budgets(len(scores), state.length)
+    kept = select(scores, budgets)
+    cache = evict(state.cache, kept)
+    return Compressed(state, cache, kept, scored - start, time.perf_counter() - scored)
+
+
+def run_prefill(model: torch.nn.Module, input_ids: torch.Tensor, policy) -> tuple[Prefill, object]:
+    observer = policy.observer()
+    return prefill(model, input_ids, [observer]), observer
+
+
+def generate_ids(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    policy,
+    *,
+    max_new_tokens: int = 64,
+    sampling: Sampling = Sampling(),
+    eos_token_ids=(),
+    on_token: Callable[[int], None] | None = None,
+) -> tuple[list[int], Stats, list[torch.Tensor] | None]:
+    """Token-level pipeline: prefill ``input_ids`` (1, L), evict with ``policy``, decode."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    state, observer = run_prefill(model, input_ids, policy)
+    before = kv_bytes(state.cache)
+    done = compress(model, state, policy, observer)
+    stats = Stats(
+        prompt_tokens=state.length,
+        kept_per_layer=lengths(done.cache),
+        kv_bytes_before=before,
+        kv_bytes_after=kv_bytes(done.cache),
+        prefill_seconds=state.seconds,
+        eviction_seconds=done.score_seconds + done.evict_seconds,
+    )
+    del state.cache  # free the full cache before decoding
+    start = time.perf_counter()
+    tokens = decode(
+        model,
+        done.cache,
+        state.logits,
+        state.length,
+        max_new_tokens,
+        sampling=sampling,
+        eos_token_ids=eos_token_ids,
+        on_token=on_token,
+    )
+    stats.decode_seconds = time.perf_counter() - start
+    stats.new_tokens = len(tokens)
+    return tokens, stats, done.kept
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
+    """Token ids (1, L) of ``prompt``, wrapped in the chat template when the tokenizer has one."""
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty: give some text")
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    return torch.tensor([ids])
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt: str,
+    policy=None,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    chat: bool = True,
+    stream: Callable[[str], None] | None = None,
+) -> Generation:
+    """Answer ``prompt`` with the prompt's KV cache compressed by ``policy``.
+
+    Examples
+    --------
+    >>> from lookaheadkv import load_model, generate, SnapKV
+    >>> model, tokenizer = load_model()  # the bundled SmolLM2-135M-Instruct
+    >>> out = generate(model, tokenizer, "Summarise: ...", policy=SnapKV(budget=128))
+    >>> print(out.text, out.stats.line())
+    """
+    from ..policies.full import FullKV
+
+    policy = policy if policy is not None else FullKV()
+    input_ids = encode_prompt(tokenizer, prompt, chat)
+    on_token = None
+    if stream is not None:
+        on_token = _streamer(tokenizer, stream)
+    tokens, stats, kept = generate_ids(
+        model,
+        input_ids,
+        policy,
+        max_new_tokens=max_new_tokens,
+        sampling=Sampling(temperature, top_p, seed),
+        eos_token_ids=eos_ids(model, tokenizer),
+        on_token=on_token,
+    )
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return Generation(text, tokens, stats, kept)
+
+
+def _streamer(tokenizer, stream: Callable[[str], None]) -> Callable[[int], None]:
+    """Emit text as it becomes stable (decode the whole prefix, print the new suffix)."""
+    tokens: list[int] = []
+    printed = [0]
+
+    def on_token(token: int) -> None:
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            stream(text[printed[0] :])
+            printed[0] = len(text)
+
+    return on_token

@@ -1,0 +1,84 @@
+"""Prefill a prompt once, and run extra tokens over its cache without keeping them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .attention import Observer, hooked
+from .cache import crop, new_cache
+
+
+@dataclass
+class Prefill:
+    """The state after a prompt's prefill: the full cache and the next-token logits."""
+
+    input_ids: torch.Tensor  # (1, L)
+    cache: DynamicCache  # every layer (1, kv_heads, L, head_dim)
+    logits: torch.Tensor  # (vocab,) at the last prompt position
+    seconds: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def check_input_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"batch size must be 1, got {input_ids.shape[0]}: run one prompt at a time")
+    if input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and input_ids.shape[1] > limit:
+        raise ValueError(f"the prompt has {input_ids.shape[1]} tokens, more than the model's context of {limit}")
+    return input_ids.to(model.device)
+
+
+@torch.no_grad()
+def prefill(model: torch.nn.Module, input_ids: torch.Tensor, observers: list[Observer | None] = ()) -> Prefill:
+    """Run the prompt through ``model`` once, calling ``observers`` in every attention layer."""
+    import time
+
+    input_ids = check_input_ids(model, input_ids)
+    start = time.perf_counter()
+    with hooked(model, observers):
+        out = model(input_ids=input_ids, cache=new_cache(), use_cache=True, logits_to_keep=1)
+    return Prefill(input_ids, out.cache, out.logits[0, -1].float(), time.perf_counter() - start)
+
+
+def extend(
+    model: torch.nn.Module,
+    cache: DynamicCache,
+    prompt_len: int,
+    *,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    observers: list[Observer | None] = (),
+    logits: bool = False,
+) -> torch.Tensor | None:
+    """Run tokens at positions ``prompt_len ..`` over the prompt's cache, then drop their entries.
+
+    This is how a scorer looks at the prompt from "after" it (lookahead tokens, draft
+    tokens, a response) without changing the prompt's cache. Gradients flow if the caller
+    enables them. Returns the logits (1, n, vocab) when ``logits`` is set.
+    """
+    n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    device = model.device
+    positions = torch.arange(prompt_len, prompt_len + n, device=device)[None]
+    try:
+        with hooked(model, observers):
+            out = model(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=n if logits else 1,
+            )
+    finally:
+        crop(cache, prompt_len)
+    return out.logits if logits else None

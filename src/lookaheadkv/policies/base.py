@@ -1,0 +1,136 @@
+"""What every scoring policy shares: the Policy base class and the score-row math.
+
+A policy only decides *scores*: one number per (layer, KV head, prompt token). The engine
+owns the rest (prefill, top-k per KV head, the physical gather, decoding). Score rows are
+always explicit ``rows x L`` matmuls, chunked over rows; no policy ever builds an
+``L x L`` attention matrix or asks the model for ``output_attentions``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.attention import tail_causal_mask
+from ..engine.evict import resolve_budget
+from ..engine.prefill import Prefill
+
+GQA_REDUCTIONS = ("mean", "max")
+
+
+def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, row_offset: int) -> torch.Tensor:
+    """Softmax attention of query rows over all keys, causal: (heads, rows, k).
+
+    ``query`` (heads, rows, d) holds rows ``row_offset ..`` of the ``q`` new rows of a call whose
+    keys ``key`` (heads, k, d) end with those ``q`` rows (GQA already expanded).
+    """
+    rows, k = query.shape[1], key.shape[1]
+    logits = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # (heads, rows, k)
+    visible = torch.arange(k, device=key.device)[None, :] <= (
+        torch.arange(rows, device=key.device)[:, None] + row_offset
+    )
+    logits = logits.masked_fill(~visible, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def expand_kv(key: torch.Tensor, heads: int) -> torch.Tensor:
+    """(kv_heads, k, d) -> (heads, k, d), repeating each KV head over its query group."""
+    return key.repeat_interleave(heads // key.shape[0], dim=0)
+
+
+def attention_mass(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, last_rows: int | None = None, chunk: int = 256
+) -> torch.Tensor:
+    """Attention summed over the last ``last_rows`` query rows (all when None), chunked: (heads, k).
+
+    ``query`` (1, heads, q, d) and ``key`` (1, kv_heads, k, d) as an attention layer sees them:
+    the ``q`` queries are the last ``q`` positions of the ``k`` keys.
+    """
+    q, k = query.shape[2], key.shape[2]
+    first = 0 if last_rows is None else max(0, q - last_rows)
+    keys = expand_kv(key[0], query.shape[1])
+    total = None
+    for start in range(first, q, chunk):
+        rows = query[0, :, start : min(q, start + chunk)]
+        part = attention_rows(rows, keys, scaling, row_offset=k - q + start).sum(dim=1)
+        total = part if total is None else total + part
+    return total
+
+
+def reduce_gqa(scores: torch.Tensor, kv_heads: int, how: str = "mean") -> torch.Tensor:
+    """(heads, L) query-head scores -> (kv_heads, L), one score per KV head of each group."""
+    grouped = scores.view(kv_heads, scores.shape[0] // kv_heads, scores.shape[-1])
+    return grouped.amax(dim=1) if how == "max" else grouped.mean(dim=1)
+
+
+def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """1-D max-pooling along the prompt (stride 1, same length); kernel <= 1 is a no-op."""
+    if kernel <= 1:
+        return scores
+    return F.max_pool1d(scores[None], kernel_size=kernel, stride=1, padding=kernel // 2)[0][..., : scores.shape[-1]]
+
+
+class AttentionMass:
+    """Observer that sums, per layer, the attention of a call's last rows over the earlier keys.
+
+    In a prefill call (q == k) it keeps all k columns; in an extension call over a cache
+    (q < k) it keeps the ``k - q`` columns that were there before. Result: ``mass[l]`` (heads, cols).
+    """
+
+    def __init__(self, last_rows: int | None = None, chunk: int = 256):
+        self.last_rows = last_rows
+        self.chunk = chunk
+        self.mass: dict[int, torch.Tensor] = {}
+        self.rows: dict[int, int] = {}
+
+    def __call__(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        q, k = query.shape[2], key.shape[2]
+        cols = k if q == k else k - q
+        self.mass[layer_idx] = attention_mass(query, key, scaling, self.last_rows, self.chunk)[:, :cols]
+        self.rows[layer_idx] = q if self.last_rows is None else min(q, self.last_rows)
+
+    def per_layer(self) -> list[torch.Tensor]:
+        return [self.mass[i] for i in sorted(self.mass)]
+
+
+@dataclass
+class Policy:
+    """Base of every scoring policy.
+
+    Parameters
+    ----------
+    budget : int or float
+        KV entries kept per KV head in each layer: an absolute count, or a ratio of the
+        prompt when a float in (0, 1).
+    gqa_reduce : {"mean", "max"}
+        How a GQA group's query-head scores become one score per KV head.
+    """
+
+    budget: int | float = 128
+    gqa_reduce: str = "mean"
+
+    name: ClassVar[str] = "base"
+    #: True when scores come only from the prompt's own prefill (the runner may share it).
+    prefill_only: ClassVar[bool] = True
+
+    def __post_init__(self):
+        resolve_budget(self.budget, 10**9)
+        if self.gqa_reduce not in GQA_REDUCTIONS:
+            raise ValueError(f"gqa_reduce must be one of {', '.join(GQA_REDUCTIONS)}, got {self.gqa_reduce!r}")
+
+    def observer(self):
+        """An observer to run during the prompt's prefill, or None."""
+        return None
+
+    def scores(self, model: torch.nn.Module, prefill: Prefill, observer) -> list[torch.Tensor] | None:
+        """Per layer (kv_heads, L) scores, higher = keep; None keeps everything."""
+        raise NotImplementedError
+
+    def layer_budgets(self, num_layers: int, prompt_len: int) -> list[int]:
+        return [resolve_budget(self.budget, prompt_len)] * num_layers
+
+    def reduce(self, per_head: list[torch.Tensor], kv_heads: int) -> list[torch.Tensor]:
+        return [reduce_gqa(s, kv_heads, self.gqa_reduce) for s in per_head]

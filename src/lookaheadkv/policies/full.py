@@ -1,0 +1,20 @@
+"""FullKV: no eviction, the reference every method is measured against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Policy
+
+
+@dataclass
+class FullKV(Policy):
+    """Keep the whole prompt cache (the budget is ignored)."""
+
+    name = "full"
+
+    def scores(self, model, prefill, observer):
+        return None
+
+    def layer_budgets(self, num_layers, prompt_len):
+        return [prompt_len] * num_layers

@@ -1,0 +1,82 @@
+"""LookaheadKV: learned lookahead tokens predict what the answer will attend to.
+
+Ahn et al., "LookaheadKV: Fast and Accurate KV Cache Eviction by Glimpsing into the
+Future without Generation", ICLR 2026, https://arxiv.org/abs/2603.10899
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import AttentionMass, Policy, max_pool
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+BUNDLED_WEIGHTS = {"smollm2-135m-instruct": WEIGHTS_DIR / "smollm2-135m-instruct"}
+
+
+def default_modules_path(model) -> Path | None:
+    """Shipped modules for ``model`` when it is one we trained for, else None."""
+    name = (getattr(model.config, "_name_or_path", "") or "").lower()
+    for key, path in BUNDLED_WEIGHTS.items():
+        if key in name and (path / "model.safetensors").is_file():
+            return path
+    return None
+
+
+@dataclass
+class LookaheadKV(Policy):
+    """Score = mean attention of the n lookahead queries to each prompt token.
+
+    The lookahead tokens run in one extra forward over the prompt's cache (n x L score rows
+    per layer), with their LoRA adapters on; their own KV is dropped afterwards.
+
+    Parameters
+    ----------
+    modules : LookaheadModules, str or None
+        Trained modules, or a folder / hub id to load them from. None uses the modules
+        shipped for the bundled model (other models need their own: see ``lookaheadkv train``).
+    kernel : int
+        Optional max-pooling kernel over the scores (1 = off, the default).
+    window : int
+        Optional hybrid: also count the last ``window`` prompt queries' attention, as in
+        SnapKV (0 = off, the default).
+    """
+
+    modules: object = None
+    kernel: int = 1
+    window: int = 0
+    name = "lookahead"
+    prefill_only = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kernel < 1 or self.window < 0:
+            raise ValueError(f"kernel must be >= 1 and window >= 0, got {self.kernel} and {self.window}")
+
+    def resolve(self, model):
+        from ..lookahead import LookaheadModules, ModulesError
+
+        if isinstance(self.modules, LookaheadModules):
+            return self.modules
+        path = self.modules if self.modules is not None else default_modules_path(model)
+        if path is None:
+            raise ModulesError(
+                "LookaheadKV needs trained modules for this model: pass modules=PATH (--modules PATH); "
+                "train them with 'lookaheadkv train'"
+            )
+        self.modules = LookaheadModules.from_pretrained(path, device=model.device)
+        return self.modules
+
+    def observer(self):
+        return AttentionMass(last_rows=self.window) if self.window else None
+
+    def scores(self, model, prefill, observer):
+        modules = self.resolve(model)
+        mass = modules.attention_mass(model, prefill.cache, prefill.length)
+        rows = modules.config.n_lookahead
+        if observer is not None:
+            mass = [m + observer.mass[i] for i, m in enumerate(mass)]
+            rows += min(self.window, prefill.length)
+        kv_heads = model.config.num_key_value_heads
+        return [max_pool(s / rows, self.kernel) for s in self.reduce(mass, kv_heads)]
