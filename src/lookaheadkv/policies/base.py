@@ -42,12 +42,18 @@ def expand_kv(key: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def attention_mass(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, last_rows: int | None = None, chunk: int = 256
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    last_rows: int | None = None,
+    chunk: int = 256,
+    reduce: str = "sum",
 ) -> torch.Tensor:
-    """Attention summed over the last ``last_rows`` query rows (all when None), chunked: (heads, k).
+    """Attention over the last ``last_rows`` query rows (all when None), chunked: (heads, k).
 
     ``query`` (1, heads, q, d) and ``key`` (1, kv_heads, k, d) as an attention layer sees them:
-    the ``q`` queries are the last ``q`` positions of the ``k`` keys.
+    the ``q`` queries are the last ``q`` positions of the ``k`` keys. ``reduce`` is "sum" or
+    "max" over the rows.
     """
     q, k = query.shape[2], key.shape[2]
     first = 0 if last_rows is None else max(0, q - last_rows)
@@ -55,8 +61,12 @@ def attention_mass(
     total = None
     for start in range(first, q, chunk):
         rows = query[0, :, start : min(q, start + chunk)]
-        part = attention_rows(rows, keys, scaling, row_offset=k - q + start).sum(dim=1)
-        total = part if total is None else total + part
+        probs = attention_rows(rows, keys, scaling, row_offset=k - q + start)
+        part = probs.amax(dim=1) if reduce == "max" else probs.sum(dim=1)
+        if total is None:
+            total = part
+        else:
+            total = torch.maximum(total, part) if reduce == "max" else total + part
     return total
 
 
@@ -74,26 +84,52 @@ def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
 
 
 class AttentionMass:
-    """Observer that sums, per layer, the attention of a call's last rows over the earlier keys.
+    """Observer that aggregates, per layer, the attention of a call's last rows over the earlier keys.
 
     In a prefill call (q == k) it keeps all k columns; in an extension call over a cache
-    (q < k) it keeps the ``k - q`` columns that were there before. Result: ``mass[l]`` (heads, cols).
+    (q < k) it keeps the ``k - q`` columns that were there before. Result: ``mass[l]``
+    (heads, cols), the sum (or max) over the rows.
     """
 
-    def __init__(self, last_rows: int | None = None, chunk: int = 256):
+    def __init__(self, last_rows: int | None = None, chunk: int = 256, reduce: str = "sum"):
         self.last_rows = last_rows
         self.chunk = chunk
+        self.reduce = reduce
         self.mass: dict[int, torch.Tensor] = {}
-        self.rows: dict[int, int] = {}
 
     def __call__(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         q, k = query.shape[2], key.shape[2]
         cols = k if q == k else k - q
-        self.mass[layer_idx] = attention_mass(query, key, scaling, self.last_rows, self.chunk)[:, :cols]
-        self.rows[layer_idx] = q if self.last_rows is None else min(q, self.last_rows)
+        self.mass[layer_idx] = attention_mass(query, key, scaling, self.last_rows, self.chunk, self.reduce)[:, :cols]
 
     def per_layer(self) -> list[torch.Tensor]:
         return [self.mass[i] for i in sorted(self.mass)]
+
+
+class QueryRecorder:
+    """Observer that keeps every call's queries per layer, e.g. those of draft tokens decoded one by one."""
+
+    def __init__(self):
+        self.queries: dict[int, list[torch.Tensor]] = {}
+
+    def __call__(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        self.queries.setdefault(layer_idx, []).append(query[0])
+        self.scaling = scaling
+
+    def per_layer(self) -> list[torch.Tensor]:
+        """Per layer (heads, rows, d), the rows in call order."""
+        return [torch.cat(self.queries[i], dim=1) for i in sorted(self.queries)]
+
+
+class Observers:
+    """Several observers run as one."""
+
+    def __init__(self, *observers):
+        self.observers = observers
+
+    def __call__(self, *args) -> None:
+        for observe in self.observers:
+            observe(*args)
 
 
 @dataclass

@@ -37,4 +37,14 @@ class PyramidKV(SnapKV):
         step = (high - low) / (num_layers - 1)
         budgets = [window + round(high - layer * step) for layer in range(num_layers)]
         budgets[0] += budget * num_layers - sum(budgets)  # rounding leftovers: same total
-        return [min(prompt_len, max(1, b)) for b in budgets]
+        budgets = [min(prompt_len, max(1, b)) for b in budgets]
+        # Lower layers can ask for more than the prompt holds (budget close to L): give what
+        # the clip removed to the next layers that still have room, so the total stays the same.
+        missing = budget * num_layers - sum(budgets)
+        for layer in range(num_layers):
+            if missing <= 0:
+                break
+            extra = min(missing, prompt_len - budgets[layer])
+            budgets[layer] += extra
+            missing -= extra
+        return budgets

@@ -1,0 +1,257 @@
+"""The ``lookaheadkv`` command line: thin wrappers over the library.
+
+Every user mistake (unknown method, bad budget, missing file, empty or too long prompt,
+unsupported model) ends in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="KV-cache eviction at prefill, with LookaheadKV.")
+data_app = typer.Typer(no_args_is_help=True, help="Build training data (responses and true importance).")
+app.add_typer(data_app, name="data")
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, ImportError, KeyError)
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def friendly(fn):
+    """Turn library errors caused by the user's input into one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except USER_ERRORS as err:
+            text = str(err).strip().splitlines()
+            fail(text[0] if text else type(err).__name__)
+
+    return wrapper
+
+
+def parse_budget(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        fail(f"budget must be a positive integer or a ratio in (0, 1), got {text!r}")
+    if value <= 0:
+        fail(f"budget must be a positive integer or a ratio in (0, 1), got {text}")
+    if value.is_integer() and value >= 1:
+        return int(value)
+    if value > 1:
+        fail(f"budget must be a whole number of tokens or a ratio in (0, 1), got {text}")
+    return value
+
+
+def build_policy(method: str, budget: int | float, modules: Optional[str] = None, draft: Optional[str] = None, **extra):
+    from .policies import REGISTRY, make_policy
+
+    if method not in REGISTRY:
+        fail(f"unknown method {method!r}; choose from: {', '.join(sorted(REGISTRY))}")
+    kwargs = dict(budget=budget, **extra)
+    if modules is not None:
+        if method != "lookahead":
+            fail("--modules only applies to --method lookahead")
+        if not Path(modules).expanduser().exists() and modules.count("/") != 1:
+            fail(f"no lookahead modules at {modules}: give a folder written by save_pretrained or a hub id")
+        kwargs["modules"] = modules
+    if draft is not None:
+        kwargs["draft"] = draft
+    return make_policy(method, **kwargs)
+
+
+def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    if (prompt is None) == (prompt_file is None):
+        fail("give exactly one of --prompt TEXT or --prompt-file FILE")
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            fail(f"prompt file not found: {prompt_file}")
+        prompt = prompt_file.read_text(encoding="utf-8", errors="replace")
+    if not prompt.strip():
+        fail("the prompt is empty: give some text")
+    return prompt
+
+
+@app.command()
+@friendly
+def generate(
+    method: str = typer.Option("snapkv", help="Eviction method (see 'lookaheadkv methods')."),
+    budget: str = typer.Option("128", help="KV entries kept per KV head and layer, or a ratio of the prompt (e.g. 0.1)."),
+    prompt: Optional[str] = typer.Option(None, help="The prompt text."),
+    prompt_file: Optional[Path] = typer.Option(None, help="Read the prompt from this file."),
+    model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the bundled SmolLM2-135M-Instruct."),
+    modules: Optional[str] = typer.Option(None, help="LookaheadKV modules folder or hub id (--method lookahead)."),
+    max_new_tokens: int = typer.Option(128, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+    seed: Optional[int] = typer.Option(None),
+    no_chat: bool = typer.Option(False, "--no-chat", help="Do not wrap the prompt in the chat template."),
+):
+    """Answer a prompt with its KV cache compressed by one method; prints the answer and a stats line."""
+    from .engine.generate import generate as run
+    from .models import load_model
+
+    text = read_prompt(prompt, prompt_file)
+    policy = build_policy(method, parse_budget(budget), modules)
+    llm, tokenizer = load_model(model)
+    out = run(llm, tokenizer, text, policy, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=not no_chat, stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    typer.echo("")
+    typer.echo(f"[{method} budget={budget}] {out.stats.line()}", err=True)
+
+
+@app.command()
+def methods():
+    """List the eviction methods and their parameters."""
+    import dataclasses
+
+    from .policies import REGISTRY
+
+    for name, cls in sorted(REGISTRY.items()):
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING)
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name:13s} {doc}  [{fields}]")
+
+
+def parse_sizes(text: str, option: str) -> dict[str, int]:
+    """"essays=150,synthetic=100" -> {"essays": 150, "synthetic": 100}."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, count = part.partition("=")
+        if not count.strip().isdigit() or int(count) < 1:
+            fail(f"{option} takes name=count pairs like essays=150,synthetic=100, got {part!r}")
+        sizes[name.strip()] = int(count)
+    if not sizes:
+        fail(f"{option} is empty: give name=count pairs like essays=150")
+    return sizes
+
+
+def parse_range(text: str, option: str) -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in text.split(","))
+    except ValueError:
+        fail(f"{option} takes two token counts like 1024,2048, got {text!r}")
+    if not 0 < low <= high:
+        fail(f"{option} needs 0 < low <= high, got {text}")
+    return low, high
+
+
+@data_app.command("build")
+@friendly
+def data_build(
+    out: Path = typer.Option(..., help="Data folder (created; rerun the same command to resume)."),
+    model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the bundled SmolLM2."),
+    source: str = typer.Option("essays=150,synthetic=100,fewshot=50", help="Offline sources: essays, synthetic, fewshot (name=count,...)."),
+    hub: Optional[str] = typer.Option(None, help="The paper's hub sources instead (chatqa2, tulu3, stack, metamath, hellaswag, arc), name=count,..."),
+    data_file: list[str] = typer.Option([], help="name=path: read a hub source from a local JSONL copy (repeatable)."),
+    lengths: str = typer.Option("1024,2048", help="Prompt lengths in tokens, low,high (offline sources)."),
+    max_prompt_tokens: int = typer.Option(4096, min=16, help="Longer prompts are truncated middle-out."),
+    max_new_tokens: int = typer.Option(512, min=1, help="Cap of each self-generated response."),
+    seed: int = typer.Option(0),
+    shard: str = typer.Option("0/1", help="i/n: build only the samples whose index % n == i (run n processes in parallel)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
+):
+    """Generate each prompt's greedy response and its true importance labels, resumably."""
+    import torch
+
+    from .engine.generate import eos_ids
+    from .models import load_model
+    from .training import sources
+    from .training.data import PromptRecord, build
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError):
+        fail(f"--shard takes i/n with 0 <= i < n, got {shard!r}")
+    llm, tokenizer = load_model(model)
+    if hub:
+        files = dict(item.split("=", 1) for item in data_file)
+        for path in files.values():
+            if not Path(path).is_file():
+                fail(f"data file not found: {path}")
+        prompts = sources.hub_mixture(tokenizer, parse_sizes(hub, "--hub"), seed, files, None)
+    else:
+        prompts = sources.mixture(tokenizer, parse_sizes(source, "--source"), parse_range(lengths, "--lengths"), seed)
+    records = [PromptRecord(p.id, p.source, sources.render(p, tokenizer, max_prompt_tokens)) for p in prompts]
+    mine = [i for i in range(len(records)) if i % count == index]
+    progress = _bar("data build", len(mine))
+
+    def on_progress(i, skipped):
+        progress.advance(progress.task_ids[0])
+
+    name = model or "bundled:smollm2-135m-instruct"
+    with progress:
+        built = build(llm, records, out, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids(llm, tokenizer), model_name=name, on_progress=on_progress, only=set(mine))
+    typer.echo(f"{built} samples built now; {out} holds {len(list((out / 'samples').glob('*.safetensors')))} of {len(records)}")
+
+
+def _bar(label: str, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    progress.add_task(label, total=total)
+    return progress
+
+
+@app.command()
+@friendly
+def train(
+    data: Path = typer.Option(..., help="A folder made by 'lookaheadkv data build'."),
+    out: Path = typer.Option(..., help="Run folder: checkpoints, log.jsonl, final/ modules (rerun to resume)."),
+    model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the bundled SmolLM2."),
+    steps: int = typer.Option(200, min=1),
+    batch: int = typer.Option(8, min=1, help="Samples per optimizer step (gradient accumulation, over all ranks)."),
+    lr: float = typer.Option(1e-3),
+    schedule: str = typer.Option("constant", help="constant or cosine."),
+    warmup: int = typer.Option(0, min=0),
+    clip: float = typer.Option(1.0),
+    n_lookahead: int = typer.Option(32, min=1),
+    rank: int = typer.Option(8, min=1),
+    alpha: float = typer.Option(32.0),
+    eval_every: int = typer.Option(25, min=0),
+    eval_samples: int = typer.Option(16, min=0),
+    save_every: int = typer.Option(25, min=1),
+    seed: int = typer.Option(0),
+    dtype: Optional[str] = typer.Option(None, help="bfloat16 on GPU; default: the checkpoint's dtype."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
+):
+    """Train lookahead modules on a built data folder (runs under torchrun / accelerate launch too)."""
+    import os
+
+    import torch
+
+    from .models import load_model
+    from .training.train import TrainConfig
+    from .training.train import train as run
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not data.is_dir():
+        fail(f"data folder not found: {data}")
+    cfg = TrainConfig(data=str(data), out=str(out), steps=steps, batch=batch, lr=lr, schedule=schedule, warmup=warmup, clip=clip, seed=seed, n_lookahead=n_lookahead, rank=rank, alpha=alpha, eval_every=eval_every, eval_samples=eval_samples, save_every=save_every)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    llm, _ = load_model(model, dtype=dtype, device=device)
+    run(llm, cfg)
+    typer.echo(f"modules saved to {out / 'final'}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Offline RULER-style synthetic suite over the Paul Graham essays and filler text.
+
+Tasks (see :data:`TASKS`), by report group (:data:`TASK_GROUPS`):
+
+- ``niah``: niah_single_number (noise haystack), niah_single_word, niah_single_uuid
+- ``multi_niah``: niah_multikey, niah_multivalue, niah_multiquery
+- ``tracking``: variable_tracking
+- ``aggregation``: common_words, frequent_words
+- ``qa``: passage_qa
+
+Samples are generated deterministically from a seed, at prompt lengths measured in
+tokens of the given tokenizer. ``split="train"`` and ``split="eval"`` draw from disjoint
+seed spaces, essays, filler sentences and needle vocabularies; :func:`assert_disjoint`
+checks it for any two lists of samples.
+"""
+
+from lookaheadkv.evaluation.tasks.generators import TASK_GROUPS, TASKS, TaskSpec
+from lookaheadkv.evaluation.tasks.sample import Sample, encode_prompt, has_chat_template, score_sample
+from lookaheadkv.evaluation.tasks.suite import (
+    LENGTH_TOLERANCE,
+    assert_disjoint,
+    make_sample,
+    make_suite,
+    sample_id,
+    sample_seed,
+)
+from lookaheadkv.evaluation.tasks.text import SPLITS, load_essays
+
+__all__ = [
+    "LENGTH_TOLERANCE",
+    "SPLITS",
+    "TASKS",
+    "TASK_GROUPS",
+    "Sample",
+    "TaskSpec",
+    "assert_disjoint",
+    "encode_prompt",
+    "has_chat_template",
+    "load_essays",
+    "make_sample",
+    "make_suite",
+    "sample_id",
+    "sample_seed",
+    "score_sample",
+]

@@ -1,0 +1,81 @@
+"""SpecKV: a small draft model's answer tells the target which prompt tokens matter.
+
+Galim et al., "Draft-based Approximate Inference for LLMs", 2025,
+https://arxiv.org/abs/2506.08373
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..engine.cache import copy_cache
+from ..engine.decode import decode
+from ..engine.prefill import extend, prefill
+from .base import AttentionMass, Policy, max_pool
+from .laq import eos_of
+
+
+@dataclass
+class SpecKV(Policy):
+    """The draft model answers first; the target's window queries plus the draft's queries vote (max).
+
+    Parameters
+    ----------
+    draft : model, str or None
+        A causal LM sharing the target's tokenizer, or a name/folder for ``load_model``.
+        None drafts with the target model itself (for a model with no smaller sibling,
+        such as the bundled SmolLM2; then the draft is the full-cache answer's beginning).
+    n_draft : int
+        Draft tokens (stops early at end of sequence).
+    window : int
+        Last prompt queries that also vote.
+    kernel : int
+        Max-pooling kernel along the prompt.
+    """
+
+    draft: object = None
+    n_draft: int = 32
+    window: int = 32
+    kernel: int = 7
+    gqa_reduce: str = "max"
+    name = "speckv"
+    prefill_only = False
+
+    def observer(self):
+        return AttentionMass(last_rows=self.window, reduce="max")
+
+    def draft_model(self, model):
+        if self.draft is None:
+            return model
+        if isinstance(self.draft, str):
+            from ..models import load_model
+
+            self.draft, _ = load_model(self.draft, device=model.device)
+        if self.draft.config.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary ({self.draft.config.vocab_size}) differs from the target's "
+                f"({model.config.vocab_size}): SpecKV needs a draft with the same tokenizer"
+            )
+        return self.draft
+
+    @torch.no_grad()
+    def draft_tokens(self, model, state) -> list[int]:
+        drafter = self.draft_model(model)
+        if drafter is model:
+            start, logits = copy_cache(state.cache), state.logits
+        else:
+            own = prefill(drafter, state.input_ids)
+            start, logits = own.cache, own.logits
+        return decode(drafter, start, logits, state.length, self.n_draft, eos_token_ids=eos_of(drafter))
+
+    def scores(self, model, prefill_state, observer):
+        tokens = self.draft_tokens(model, prefill_state)
+        drafted = AttentionMass(reduce="max")
+        ids = torch.tensor([tokens], device=model.device)
+        with torch.no_grad():
+            extend(model, prefill_state.cache, prefill_state.length, input_ids=ids, observers=[drafted])
+        votes = [torch.maximum(w, d) for w, d in zip(observer.per_layer(), drafted.per_layer())]
+        kv_heads = model.config.num_key_value_heads
+        return [max_pool(s, self.kernel) for s in self.reduce(votes, kv_heads)]

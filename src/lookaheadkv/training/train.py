@@ -1,0 +1,249 @@
+"""Train the lookahead modules to predict the model's true importance scores.
+
+The whole loop is in :func:`train`, top to bottom. One sample's step is: a no-grad
+prefill of the prompt (the frozen base model), then the n lookahead tokens with grad
+over that cache; loss = mean over layers and heads of KL(s_GT || s_pred), both
+L1-normalised over the prompt (METHOD.md section 3).
+
+Runs as one CPU process by default, and data-parallel under ``torchrun`` or
+``accelerate launch`` with no change: each rank takes every world-th micro-batch and
+gradients are averaged with an all-reduce before each optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from ..engine.evict import select
+from ..engine.prefill import prefill
+from ..lookahead import LookaheadModules
+from ..policies.base import AttentionMass
+from ..policies.lookahead import LookaheadKV
+from ..policies.snapkv import SnapKV
+from .data import TargetDataset
+
+EPS = 1e-10
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (saved beside its checkpoints)."""
+
+    data: str
+    out: str
+    steps: int = 200
+    batch: int = 8  # samples per optimizer step, over all ranks (gradient accumulation)
+    lr: float = 1e-3
+    schedule: str = "constant"  # or "cosine"
+    warmup: int = 0
+    clip: float = 1.0
+    seed: int = 0
+    n_lookahead: int = 32
+    rank: int = 8
+    alpha: float = 32.0
+    eval_every: int = 25
+    eval_samples: int = 16
+    save_every: int = 25
+    budgets: list[int] = field(default_factory=lambda: [64, 128, 256])
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch < 1 or self.lr <= 0:
+            raise ValueError(f"steps and batch must be >= 1 and lr > 0, got {self.steps}, {self.batch}, {self.lr}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+
+
+def kl_loss(pred_mass: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and heads of KL(labels || pred), pred L1-normalised over the prompt."""
+    pred = pred_mass / pred_mass.sum(dim=-1, keepdim=True)
+    kl = labels * (torch.log(labels + EPS) - torch.log(pred + EPS))
+    return kl.sum(dim=-1).mean()
+
+
+def sample_loss(model, modules: LookaheadModules, item: dict) -> torch.Tensor:
+    state = prefill(model, item["prompt_ids"][None])  # frozen base model, no grad
+    with torch.enable_grad():
+        mass = torch.stack(modules.attention_mass(model, state.cache, state.length))  # (layers, heads, L)
+    return kl_loss(mass.float(), item["labels"].to(mass.device))
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr
+
+
+def sample_order(n: int, seed: int, index: int) -> int:
+    """The sample seen at global micro-batch ``index``: a fresh seeded permutation each epoch."""
+    epoch, offset = divmod(index, n)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return int(torch.randperm(n, generator=g)[offset])
+
+
+def attention_recall(labels: torch.Tensor, kept: list[torch.Tensor]) -> float:
+    """Share of the true importance mass that the kept entries hold, mean over layers and query heads."""
+    layers, heads, _ = labels.shape
+    total = 0.0
+    for layer in range(layers):
+        per_query_head = kept[layer].repeat_interleave(heads // kept[layer].shape[0], dim=0)
+        total += labels[layer].gather(1, per_query_head.to(labels.device)).sum().item()
+    return total / (layers * heads)
+
+
+@torch.no_grad()
+def heldout_recall(model, modules: LookaheadModules, items: list[dict], budgets: list[int]) -> dict:
+    """Recall@budget of LookaheadKV and SnapKV on the same held-out samples."""
+    sums = {f"{m}@{b}": 0.0 for m in ("lookahead", "snapkv") for b in budgets}
+    snap, look = SnapKV(), LookaheadKV(modules=modules)
+    for item in items:
+        observer = snap.observer()
+        state = prefill(model, item["prompt_ids"][None], [observer])
+        scores = {"snapkv": snap.scores(model, state, observer), "lookahead": look.scores(model, state, None)}
+        for method, s in scores.items():
+            for b in budgets:
+                sums[f"{method}@{b}"] += attention_recall(item["labels"], select(s, [b] * len(s)))
+    return {k: v / max(1, len(items)) for k, v in sums.items()}
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def save_checkpoint(folder: Path, modules: LookaheadModules, optimizer: torch.optim.Optimizer, step: int) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    modules.save_pretrained(tmp)
+    state = {}
+    for i, s in optimizer.state_dict()["state"].items():
+        for k, v in s.items():
+            state[f"{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    save_file(state, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        folder.rename(old)
+        tmp.rename(folder)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(folder)
+
+
+def load_checkpoint(folder: Path, model, optimizer_factory) -> tuple[LookaheadModules, torch.optim.Optimizer, int]:
+    modules = LookaheadModules.from_pretrained(folder, device=model.device)
+    optimizer = optimizer_factory(modules)
+    flat = load_file(str(folder / "optimizer.safetensors"))
+    state = optimizer.state_dict()
+    for key, value in flat.items():
+        i, name = key.split(".", 1)
+        state["state"].setdefault(int(i), {})[name] = value.to(model.device) if name != "step" else value
+    optimizer.load_state_dict(state)
+    return modules, optimizer, json.loads((folder / "state.json").read_text())["step"]
+
+
+def train(model, cfg: TrainConfig, *, progress: bool = True) -> LookaheadModules:
+    """Train (or resume training) lookahead modules for ``model`` on ``cfg.data``; returns them."""
+    rank, world = _distributed()
+    out = Path(cfg.out)
+    checkpoint = out / "checkpoint"
+    train_set = TargetDataset(cfg.data, "train")
+    heldout = TargetDataset(cfg.data, "heldout")
+    if len(train_set) == 0:
+        raise ValueError(f"{cfg.data} has no training samples yet: run 'lookaheadkv data build' first")
+    heldout_items = [heldout[i] for i in range(min(cfg.eval_samples, len(heldout)))]
+
+    def make_optimizer(mods):
+        return torch.optim.Adam(mods.parameters(), lr=cfg.lr)
+
+    if checkpoint.exists():
+        modules, optimizer, start = load_checkpoint(checkpoint, model, make_optimizer)
+    else:
+        torch.manual_seed(cfg.seed)
+        modules = LookaheadModules.for_model(model, seed=cfg.seed, n_lookahead=cfg.n_lookahead, rank=cfg.rank, alpha=cfg.alpha)
+        optimizer, start = make_optimizer(modules), 0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        _truncate_log(out / "log.jsonl", start)
+
+    bar = _Progress(cfg.steps, start, enabled=progress and rank == 0)
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=False)
+        local = 0.0
+        for micro in range(rank, cfg.batch, world):
+            item = train_set[sample_order(len(train_set), cfg.seed, step * cfg.batch + micro)]
+            loss = sample_loss(model, modules, item)
+            (loss / cfg.batch).backward()
+            local += loss.item()
+        if world > 1:
+            for p in modules.parameters():
+                dist.all_reduce(p.grad)
+            total = torch.tensor([local])
+            dist.all_reduce(total)
+            local = total.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(modules.parameters(), cfg.clip).item() if cfg.clip > 0 else float("nan")
+        optimizer.step()
+        record = {"step": step + 1, "loss": local / cfg.batch, "lr": lr, "grad_norm": grad_norm, "seconds": time.perf_counter() - t0}
+        if rank == 0 and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps) and heldout_items:
+            record["heldout"] = heldout_recall(model, modules, heldout_items, cfg.budgets)
+        if rank == 0:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(checkpoint, modules, optimizer, step + 1)
+        bar.update(step + 1, record)
+    bar.close()
+    if rank == 0:
+        modules.save_pretrained(out / "final")
+    return modules
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only the log lines up to ``step`` so a resumed run's log reads as one run."""
+    if not path.exists():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    path.write_text("".join(l + "\n" for l in lines))
+
+
+class _Progress:
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+        self.task = self.progress.add_task("train", total=total, completed=done, info="")
+        self.progress.start()
+
+    def update(self, step: int, record: dict) -> None:
+        if self.enabled:
+            info = f"loss {record['loss']:.4f}"
+            if "heldout" in record:
+                h = record["heldout"]
+                info += " | recall@128 lookahead {:.3f} snapkv {:.3f}".format(h.get("lookahead@128", float("nan")), h.get("snapkv@128", float("nan")))
+            self.progress.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
