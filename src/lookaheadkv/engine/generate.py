@@ -174,6 +174,8 @@ def generate(
         on_token=on_token,
     )
     text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if on_token is not None:
+        on_token.flush()  # a generation cut inside a multi-byte character: emit what was held back
     return Generation(text, tokens, stats, kept)
 
 
@@ -189,4 +191,11 @@ def _streamer(tokenizer, stream: Callable[[str], None]) -> Callable[[int], None]
             stream(text[printed[0] :])
             printed[0] = len(text)
 
+    def flush() -> None:
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if len(text) > printed[0]:
+            stream(text[printed[0] :])
+            printed[0] = len(text)
+
+    on_token.flush = flush
     return on_token

@@ -151,6 +151,8 @@ class Policy:
     name: ClassVar[str] = "base"
     #: True when scores come only from the prompt's own prefill (the runner may share it).
     prefill_only: ClassVar[bool] = True
+    #: True when the scores themselves change with the budget (not only the top-k).
+    budget_dependent: ClassVar[bool] = False
 
     def __post_init__(self):
         resolve_budget(self.budget, 10**9)

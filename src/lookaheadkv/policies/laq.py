@@ -44,6 +44,7 @@ class LAQ(Policy):
     prompt_rows: int = 8
     name = "laq"
     prefill_only = False
+    budget_dependent = True  # the draft runs on a copy compressed to the budget
 
     def observer(self):
         return Observers(AttentionMass(last_rows=self.window), AttentionMass(last_rows=self.prompt_rows or 1))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .base import AttentionMass, Policy, max_pool
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -71,6 +73,7 @@ class LookaheadKV(Policy):
     def observer(self):
         return AttentionMass(last_rows=self.window) if self.window else None
 
+    @torch.no_grad()  # inference: never build an autograd graph through the model (training uses attention_mass)
     def scores(self, model, prefill, observer):
         modules = self.resolve(model)
         mass = modules.attention_mass(model, prefill.cache, prefill.length)

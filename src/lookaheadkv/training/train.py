@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ..engine.evict import select
 from ..engine.prefill import prefill
+from ..evaluation.metrics import attention_recall
 from ..lookahead import LookaheadModules
 from ..policies.base import AttentionMass
 from ..policies.lookahead import LookaheadKV
@@ -92,16 +93,6 @@ def sample_order(n: int, seed: int, index: int) -> int:
     return int(torch.randperm(n, generator=g)[offset])
 
 
-def attention_recall(labels: torch.Tensor, kept: list[torch.Tensor]) -> float:
-    """Share of the true importance mass that the kept entries hold, mean over layers and query heads."""
-    layers, heads, _ = labels.shape
-    total = 0.0
-    for layer in range(layers):
-        per_query_head = kept[layer].repeat_interleave(heads // kept[layer].shape[0], dim=0)
-        total += labels[layer].gather(1, per_query_head.to(labels.device)).sum().item()
-    return total / (layers * heads)
-
-
 @torch.no_grad()
 def heldout_recall(model, modules: LookaheadModules, items: list[dict], budgets: list[int]) -> dict:
     """Recall@budget of LookaheadKV and SnapKV on the same held-out samples."""
@@ -113,7 +104,7 @@ def heldout_recall(model, modules: LookaheadModules, items: list[dict], budgets:
         scores = {"snapkv": snap.scores(model, state, observer), "lookahead": look.scores(model, state, None)}
         for method, s in scores.items():
             for b in budgets:
-                sums[f"{method}@{b}"] += attention_recall(item["labels"], select(s, [b] * len(s)))
+                sums[f"{method}@{b}"] += attention_recall(list(item["labels"]), select(s, [b] * len(s)))
     return {k: v / max(1, len(items)) for k, v in sums.items()}
 
 
@@ -196,6 +187,11 @@ def train(model, cfg: TrainConfig, *, progress: bool = True) -> LookaheadModules
             local += loss.item()
         if world > 1:
             for p in modules.parameters():
+                if p.grad is None:
+                    # no gradient here: the rank had no micro-batch, or the parameter never reaches
+                    # the loss (the last layer's value/output/MLP adapters); every rank must still
+                    # join each all-reduce, and a zero gradient leaves Adam's update at zero
+                    p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
             total = torch.tensor([local])
             dist.all_reduce(total)

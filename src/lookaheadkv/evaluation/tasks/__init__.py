@@ -24,7 +24,7 @@ from lookaheadkv.evaluation.tasks.suite import (
     sample_id,
     sample_seed,
 )
-from lookaheadkv.evaluation.tasks.text import SPLITS, load_essays
+from lookaheadkv.evaluation.tasks.text import SPLITS, is_train_essay
 
 __all__ = [
     "LENGTH_TOLERANCE",
@@ -36,7 +36,7 @@ __all__ = [
     "assert_disjoint",
     "encode_prompt",
     "has_chat_template",
-    "load_essays",
+    "is_train_essay",
     "make_sample",
     "make_suite",
     "sample_id",

@@ -102,7 +102,10 @@ def niah(value_kind: str, haystack: str, n_keys: int = 1, n_values: int = 1, n_q
 
     ``n_keys`` keys each get ``n_values`` needles "One of the special magic {kind}s for
     {key} is: {value}." at random depths; the question asks for the values of the first
-    ``n_queries`` keys (the others are distractors).
+    ``n_queries`` keys (the others are distractors). RULER's question always reads "What
+    are all the special magic {kind}s ..."; ours is singular when one value is asked
+    for and ends "Answer with the ... only.", which stands in for RULER's answer prefix:
+    without it SmolLM2-135M-Instruct echoes the question and the filler.
     """
     noun = f"{value_kind}s"
 
@@ -116,12 +119,19 @@ def niah(value_kind: str, haystack: str, n_keys: int = 1, n_values: int = 1, n_q
             for j in range(n_values)
         ]
         inserts = [(rng.random(), needle) for needle in needles]
+        asked = _join_keys(keys[:n_queries])
+        if n_queries * n_values == 1:
+            question = f"What is the special magic {value_kind} for {asked} mentioned in the provided text?"
+            question += f" Answer with the {value_kind} only."
+        else:
+            question = f"What are all the special magic {noun} for {asked} mentioned in the provided text?"
+            question += f" Answer with the {noun} only."
         return Draft(
             preamble=(
                 f"Some special magic {noun} are hidden within the following text. "
                 f"Make sure to memorize it. I will quiz you about the {noun} afterwards."
             ),
-            question=f"What are all the special magic {noun} for {_join_keys(keys[:n_queries])} mentioned in the provided text?",
+            question=question,
             answers=values[: n_queries * n_values],
             render=_haystack_renderer(rng, pools, haystack, inserts),
         )

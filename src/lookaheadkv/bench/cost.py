@@ -1,0 +1,263 @@
+"""Eviction cost of every method: time to first token, what it adds to a plain prefill, peak memory.
+
+For each prompt length, every method (and a plain prefill) runs to its first token on the
+same prompt, several repetitions in rotating order; a method's *added* time is the median
+over repetitions of its time to first token minus the plain prefill's of the same
+repetition. Its *isolated* added time is its own work timed alone (see
+:func:`~lookaheadkv.bench.common.added_work`): on a CPU this is the number to read for the
+cheap scorers, whose cost drowns in the noise of a whole prefill. Peak memory comes from
+one fresh process per method and length (:mod:`lookaheadkv.bench.memory`).
+
+Run it as ``lookaheadkv bench [options]`` or ``python benchmarks/cost.py [options]``; it
+writes ``results.json``, ``table.md`` and ``cost.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from .common import (
+    METHODS,
+    MODELS,
+    PLAIN,
+    Clock,
+    added_work,
+    bench_model,
+    capture_prefill,
+    environment,
+    make_method,
+    markdown_table,
+    median,
+    paired_runs,
+    parse_ints,
+    prompt_ids,
+)
+
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in (PLAIN, "oracle"))
+#: The paper's headline (Llama-3.1-8B on a GPU, 32K tokens, budget 128): LAQ adds 554 ms, LookaheadKV 38 ms.
+PAPER_RATIO = "LAQ 554 ms / LookaheadKV 38 ms = 14.5x (Llama-3.1-8B, GPU, 32K tokens, budget 128)"
+SPECKV_DRAFT = "self-draft: the target model decodes the draft (the bundled SmolLM2 has no smaller sibling)"
+
+
+@dataclass
+class CostRow:
+    """One method at one prompt length; times are medians in milliseconds."""
+
+    method: str
+    length: int
+    ttft_ms: float  # time to first token
+    prefill_ms: float  # its prefill, observer included
+    added_ms: float  # time to first token minus the plain prefill's, paired by repetition
+    isolated_ms: float | None  # the method's own work timed alone (None for plain)
+    share_pct: float | None  # isolated_ms as a share of the plain prefill
+    peak_mib: float | None = None  # peak RSS above the baseline process (None: not measured)
+
+
+def measure(
+    model,
+    tokenizer,
+    lengths: list[int],
+    methods: dict,
+    *,
+    reps: int = 3,
+    iso_reps: int = 5,
+    log: Callable[[str], None] | None = None,
+) -> list[CostRow]:
+    """Time every method (plus the plain prefill) at every length; one row per (length, method).
+
+    ``methods`` maps names to policies (see :func:`~lookaheadkv.bench.common.make_method`).
+    Before timing, every method runs once at the shortest length (lazy initialisation and
+    first-call allocations are not timed).
+    """
+    log = log or (lambda text: None)
+    clock = Clock(model.device)
+    policies = {PLAIN: None} | methods
+    paired_runs(model, prompt_ids(model, tokenizer, min(lengths)), policies, 1, clock)
+    rows = []
+    for length in lengths:
+        input_ids = prompt_ids(model, tokenizer, length)
+        log(f"{length} tokens: {reps} paired repetitions of {len(policies)} runs")
+        runs = paired_runs(model, input_ids, policies, reps, clock)
+        state, capture = capture_prefill(model, input_ids)
+        plain = runs[PLAIN]
+        plain_prefill = median([t.prefill for t in plain])
+        for name, policy in policies.items():
+            isolated = None
+            if policy is not None:
+                log(f"{length} tokens: {name} alone x{iso_reps}")
+                isolated = median([added_work(model, state, capture, policy, clock) for _ in range(iso_reps)])
+            rows.append(
+                CostRow(
+                    method=name,
+                    length=length,
+                    ttft_ms=1000 * median([t.total for t in runs[name]]),
+                    prefill_ms=1000 * median([t.prefill for t in runs[name]]),
+                    added_ms=1000 * median([t.total - p.total for t, p in zip(runs[name], plain)]),
+                    isolated_ms=None if isolated is None else 1000 * isolated,
+                    share_pct=None if isolated is None else 100 * isolated / plain_prefill,
+                )
+            )
+        del state, capture
+    return rows
+
+
+def add_memory(rows: list[CostRow], model_name: str, budget: int, threads: int | None, jobs: int) -> float:
+    """Fill ``peak_mib`` of every row from fresh processes; returns the baseline process's MiB."""
+    from .memory import peaks_above_baseline
+
+    baseline, above = peaks_above_baseline(model_name, [(r.method, r.length) for r in rows], budget, threads, jobs)
+    for row in rows:
+        row.peak_mib = above[(row.method, row.length)]
+    return baseline
+
+
+def ratios(rows: list[CostRow], num: str = "laq", den: str = "lookahead") -> dict[int, dict[str, float | None]]:
+    """Per length, ``num``'s added time over ``den``'s, isolated and paired (None where undefined)."""
+    by = {(r.method, r.length): r for r in rows}
+    out = {}
+    for length in sorted({r.length for r in rows}):
+        a, b = by.get((num, length)), by.get((den, length))
+        if a is None or b is None:
+            continue
+        out[length] = {
+            "isolated": a.isolated_ms / b.isolated_ms if b.isolated_ms else None,
+            "paired": a.added_ms / b.added_ms if b.added_ms > 0 and a.added_ms > 0 else None,
+        }
+    return out
+
+
+def ms(value: float | None) -> str | None:
+    """Milliseconds with 3 significant digits or more."""
+    if value is None:
+        return None
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def markdown(rows: list[CostRow], env: dict, budget: int, reps: int, iso_reps: int) -> str:
+    """The results as a markdown report: the command, the setup, the table and the LAQ / LookaheadKV ratios."""
+    order = {m: i for i, m in enumerate(METHODS)}
+    table = markdown_table(
+        ["method", "tokens", "TTFT ms", "prefill ms", "added ms (paired)", "added ms (alone)", "alone % of prefill", "peak MiB"],
+        [
+            [r.method, r.length, ms(r.ttft_ms), ms(r.prefill_ms), ms(r.added_ms) if r.method != PLAIN else None, ms(r.isolated_ms),
+             None if r.share_pct is None else f"{r.share_pct:.2f}", None if r.peak_mib is None else f"{r.peak_mib:.1f}"]
+            for r in sorted(rows, key=lambda r: (r.length, order[r.method]))
+        ],
+        labels=2,
+    )
+    times = lambda x: "-" if x is None else f"{x:.1f}x"  # noqa: E731
+    ratio_lines = [f"- {length} tokens: {times(v['isolated'])} alone, {times(v['paired'])} paired" for length, v in ratios(rows).items()]
+    notes = []
+    if any(r.method == "lookahead" for r in rows):
+        notes.append(f"LookaheadKV modules: {env['lookahead_modules']}.")
+    if any(r.method == "speckv" for r in rows):
+        notes.append(f"SpecKV: {SPECKV_DRAFT}.")
+    lines = [
+        f"# Eviction cost on {env['model']} (budget {budget})",
+        "",
+        f"`{env['command']}`",
+        "",
+        f"{env['date']} | torch {env['torch']} | transformers {env['transformers']} | {env['threads']} threads | {env['machine']} | "
+        f"medians of {reps} paired repetitions (rotating order) and {iso_reps} isolated runs",
+        "",
+        "TTFT = prefill + scoring + selection + eviction + first token. *added (paired)*: TTFT minus the plain "
+        "prefill's in the same repetition. *added (alone)*: the method's own work timed in isolation (observer "
+        "replayed on captured attention inputs, then scoring, top-k and the gather). *peak MiB*: peak RSS of a "
+        "fresh process running it once, above a process that only holds the model.",
+        "",
+        table,
+    ]
+    if notes:
+        lines += ["", *notes]
+    if ratio_lines:
+        lines += ["", "LAQ added / LookaheadKV added:", *ratio_lines, f"- paper: {PAPER_RATIO}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[CostRow], path: Path, title: str) -> None:
+    """Added time (isolated) against prompt length, one line per method, log-scaled axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in METHODS:
+        points = sorted((r.length, r.isolated_ms) for r in rows if r.method == method and r.isolated_ms and r.isolated_ms > 0)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    lengths = sorted({r.length for r in rows})
+    ax.set_xticks(lengths, [str(n) for n in lengths], minor=False)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("added time to first token, ms (method's work alone)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lookaheadkv bench", description="Eviction cost per method: TTFT, added time, peak memory.")
+    parser.add_argument("--model", choices=MODELS, default="smollm2", help="the bundled SmolLM2-135M, or a tiny random Llama")
+    parser.add_argument("--lengths", type=parse_ints, default=[1024, 2048, 4096, 8192], help="prompt tokens, comma-separated")
+    parser.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m], default=list(DEFAULT_METHODS),
+                        help=f"comma-separated, from: {', '.join(m for m in METHODS if m != PLAIN)} (the plain prefill always runs)")
+    parser.add_argument("--oracle", action="store_true", help="also time the oracle (it decodes a whole answer first)")
+    parser.add_argument("--budget", type=int, default=128, help="KV entries kept per head and layer")
+    parser.add_argument("--reps", type=int, default=3, help="paired repetitions per length")
+    parser.add_argument("--iso-reps", type=int, default=5, help="isolated timings of each method's own work per length")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--jobs", type=int, default=1, help="memory processes run at once (peaks are per process)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-cost"), help="folder for results.json, table.md, cost.png")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark, print the markdown table, write the results folder."""
+    import torch
+
+    args = build_parser().parse_args(argv)
+    unknown = sorted(set(args.methods) - set(METHODS) - {PLAIN})
+    if unknown:
+        raise SystemExit(f"error: unknown methods {', '.join(unknown)}; choose from: {', '.join(m for m in METHODS if m != PLAIN)}")
+    methods = [m for m in METHODS if m in args.methods or (m == "oracle" and args.oracle)]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = bench_model(args.model)
+    env = environment(args.model, model)
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    policies = {m: make_method(m, model, args.budget) for m in methods}
+    rows = measure(model, tokenizer, args.lengths, policies, reps=args.reps, iso_reps=args.iso_reps, log=log)
+    baseline = None
+    if not args.no_memory:
+        log(f"peak memory: {len(rows) + 1} fresh processes")
+        baseline = add_memory(rows, args.model, args.budget, args.threads, args.jobs)
+    report = markdown(rows, env, args.budget, args.reps, args.iso_reps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "environment": env,
+        "budget": args.budget,
+        "reps": args.reps,
+        "iso_reps": args.iso_reps,
+        "speckv_draft": SPECKV_DRAFT,
+        "baseline_mib": baseline,
+        "laq_over_lookahead": {str(k): v for k, v in ratios(rows).items()},
+        "rows": [asdict(r) for r in rows],
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "table.md").write_text(report)
+    plot(rows, args.out / "cost.png", f"Eviction cost on {args.model}, budget {args.budget}")
+    print(report)
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'table.md'}, {args.out / 'cost.png'}", file=sys.stderr)

@@ -1,0 +1,152 @@
+"""Summaries of a results file: means with 95% bootstrap CIs, paired differences to SnapKV, plots."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from .metrics import bootstrap_ci, paired_bootstrap_diff
+
+METRICS = {"score": "task score", "graded": "graded score", "fidelity_f1": "fidelity F1 to full cache", "recall": "attention recall"}
+UNINFORMATIVE = 0.30  # groups where the full cache itself scores below this are marked
+
+
+def _order(methods):
+    first = ["full", "oracle", "lookahead", "snapkv"]
+    return [m for m in first if m in methods] + sorted(m for m in methods if m not in first)
+
+
+def summarise(rows: list[dict], baseline: str = "snapkv", n_boot: int = 1000) -> dict:
+    """Per (group, method, budget): n, errors, and (mean, lo, hi) of every metric, plus the paired diff to ``baseline``."""
+    by_key: dict[tuple, dict[str, float]] = defaultdict(dict)  # (group, method, budget) -> sample -> row
+    errors: dict[tuple, int] = defaultdict(int)
+    for r in rows:
+        key = (r["group"], r["method"], r["budget"])
+        if "error" in r:
+            errors[key] += 1
+        else:
+            by_key[key][r["sample_id"]] = r
+    full = {g: by_key[(g, m, b)] for (g, m, b) in by_key if m == "full"}
+    out = {}
+    for key, samples in by_key.items():
+        group, method, budget = key
+        entry = {"n": len(samples), "errors": errors.get(key, 0)}
+        for metric in METRICS:
+            values = [s[metric] for s in samples.values() if metric in s]
+            if values:
+                entry[metric] = bootstrap_ci(values, n_boot=n_boot)
+        base = by_key.get((group, baseline, budget))
+        if base and method != baseline and method != "full":
+            common = sorted(set(samples) & set(base))
+            if common:
+                entry["diff_vs_" + baseline] = paired_bootstrap_diff(
+                    [samples[i]["score"] for i in common], [base[i]["score"] for i in common], n_boot=n_boot
+                )
+        out[key] = entry
+    for group, samples in full.items():
+        mean = sum(s["score"] for s in samples.values()) / len(samples)
+        for key in out:
+            if key[0] == group:
+                out[key]["uninformative"] = mean < UNINFORMATIVE
+    return out
+
+
+def _cell(triple) -> str:
+    if triple is None:
+        return "-"
+    mean, lo, hi = triple
+    return f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def markdown(summary: dict, metric: str = "score", baseline: str = "snapkv") -> str:
+    """One table per group: methods as rows, budgets as columns, mean [95% CI] in percent."""
+    groups = sorted({g for g, _, _ in summary})
+    budgets = sorted({b for _, m, b in summary if m != "full"})
+    lines = []
+    for group in groups:
+        entries = {(m, b): e for (g, m, b), e in summary.items() if g == group}
+        methods = _order({m for m, _ in entries})
+        flag = next(iter(entries.values())).get("uninformative", False)
+        n = max(e["n"] for e in entries.values())
+        note = " (uninformative: the full cache scores below 30%)" if flag else ""
+        lines += [f"**{group}** ({METRICS[metric]}, %, mean [95% CI], n = {n}){note}", ""]
+        lines.append("| method | " + " | ".join(f"budget {b}" for b in budgets) + " |")
+        lines.append("|---|" + "---|" * len(budgets))
+        for m in methods:
+            if m == "full":
+                cells = [_cell(entries[(m, 0)].get(metric))] * len(budgets)
+            else:
+                cells = []
+                for b in budgets:
+                    e = entries.get((m, b))
+                    cell = _cell(e.get(metric)) if e else "-"
+                    diff = e.get("diff_vs_" + baseline) if e and metric == "score" else None
+                    if diff is not None:
+                        cell += f" (Δ {100 * diff[0]:+.1f} [{100 * diff[1]:+.1f}, {100 * diff[2]:+.1f}])"
+                    if e and e["errors"]:
+                        cell += f" ({e['errors']} errors)"
+                    cells.append(cell)
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if metric == "score":
+        lines.append(f"Δ: paired-bootstrap mean difference to {baseline} at the same budget on the same samples, with its 95% CI.")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: str | Path, metric: str = "score") -> Path:
+    """Score versus budget per method, one panel per task group (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({g for g, _, _ in summary})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        entries = {(m, b): e for (g, m, b), e in summary.items() if g == group and metric in e}
+        budgets = sorted({b for m, b in entries if m != "full"})
+        for m in _order({m for m, _ in entries}):
+            if m == "full":
+                ax.axhline(100 * entries[(m, 0)][metric][0], color="black", ls="--", lw=1, label="full")
+                continue
+            xs = [b for b in budgets if (m, b) in entries]
+            ys = [100 * entries[(m, b)][metric][0] for b in xs]
+            lo = [100 * entries[(m, b)][metric][1] for b in xs]
+            hi = [100 * entries[(m, b)][metric][2] for b in xs]
+            line = ax.plot(xs, ys, marker="o", label=m, lw=2 if m == "lookahead" else 1)[0]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        flag = " (uninformative)" if next(iter(entries.values()), {}).get("uninformative") else ""
+        ax.set_title(group + flag)
+        ax.set_xlabel("KV budget per head")
+        ax.set_ylabel(METRICS[metric] + " (%)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def terminal(summary: dict, metric: str = "score") -> None:
+    """Print the summary as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    budgets = sorted({b for _, m, b in summary if m != "full"})
+    for group in sorted({g for g, _, _ in summary}):
+        entries = {(m, b): e for (g, m, b), e in summary.items() if g == group}
+        flag = " [uninformative]" if next(iter(entries.values())).get("uninformative") else ""
+        table = Table(title=f"{group}: {METRICS[metric]} (%), mean [95% CI]{flag}")
+        table.add_column("method")
+        for b in budgets:
+            table.add_column(f"budget {b}")
+        for m in _order({m for m, _ in entries}):
+            if m == "full":
+                table.add_row(m, *[_cell(entries[(m, 0)].get(metric))] * len(budgets))
+            else:
+                table.add_row(m, *[_cell(entries[(m, b)].get(metric)) if (m, b) in entries else "-" for b in budgets])
+        console.print(table)

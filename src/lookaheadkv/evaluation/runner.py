@@ -1,0 +1,172 @@
+"""Methods x budgets x samples, side by side on the same prompts, resumable.
+
+Per sample the runner prefills the prompt ONCE, with every method's observer in that
+one pass; it then decodes the full-cache answer (the reference for fidelity), derives
+the true importance of each prompt token from that answer (for attention recall, and
+the Oracle's scores), and for each method and budget scores, evicts a copy of the
+cache and decodes. Every finished (sample, method, budget) is appended to
+``results.jsonl`` at once, so a killed run resumes where it stopped and recomputes
+nothing finished.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..engine.cache import crop
+from ..engine.decode import decode
+from ..engine.evict import evict, select
+from ..engine.generate import eos_ids
+from ..engine.prefill import prefill
+from ..policies import REGISTRY, make_policy
+from ..policies.base import Observers
+from ..policies.oracle import Oracle
+from ..training.targets import ground_truth
+from .metrics import attention_recall, exact_match, token_f1
+from .tasks import Sample, score_sample
+
+RESULTS = "results.jsonl"
+FULL = "full"
+
+
+@dataclass
+class EvalConfig:
+    """What to run: methods (registry names) x budgets over a list of samples."""
+
+    methods: list[str]
+    budgets: list[int]
+    method_options: dict[str, dict] = field(default_factory=dict)  # e.g. {"lookahead": {"modules": PATH}}
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(sorted(REGISTRY))}")
+        if not self.budgets or any(b <= 0 for b in self.budgets):
+            raise ValueError(f"budgets must be positive integers, got {self.budgets}")
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(method, budget) pairs; the full cache once, with budget 0."""
+        pairs = [(FULL, 0)]
+        for method in self.methods:
+            if method != FULL:
+                pairs += [(method, b) for b in self.budgets]
+        return pairs
+
+
+def read_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill: that run is simply redone
+    return rows
+
+
+class Runner:
+    """Evaluate ``config`` on ``samples`` with ``model``, writing into ``out``."""
+
+    def __init__(self, model, tokenizer, config: EvalConfig, out: str | Path):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / RESULTS
+        self.eos = eos_ids(model, tokenizer)
+        self.policies: dict[str, object] = {}
+
+    def policy(self, method: str, budget: int, sample: Sample):
+        options = dict(self.config.method_options.get(method, {}))
+        if method == "oracle":
+            options.setdefault("max_new_tokens", sample.max_new_tokens)
+        key = method
+        if key not in self.policies:
+            self.policies[key] = make_policy(method, budget=budget or 1, **options)
+        policy = self.policies[key]
+        policy.budget = budget or 1
+        return policy
+
+    def run(self, samples: list[Sample], on_sample: Callable[[int, int], None] | None = None) -> list[dict]:
+        done = {(r["sample_id"], r["method"], r["budget"]): r for r in read_results(self.path)}
+        for i, sample in enumerate(samples):
+            todo = [(m, b) for m, b in self.config.runs() if (sample.id, m, b) not in done]
+            if todo:
+                for row in self.run_sample(sample, todo, done.get((sample.id, FULL, 0))):
+                    done[(sample.id, row["method"], row["budget"])] = row
+            if on_sample:
+                on_sample(i + 1, len(samples))
+        return [done[(s.id, m, b)] for s in samples for m, b in self.config.runs() if (s.id, m, b) in done]
+
+    @torch.no_grad()
+    def run_sample(self, sample: Sample, todo: list[tuple[str, int]], full_row: dict | None):
+        model = self.model
+        methods = sorted({m for m, _ in todo if m != FULL})
+        observers = {m: self.policy(m, 1, sample).observer() for m in methods}
+        ids = torch.tensor([sample.prompt_ids])
+        state = prefill(model, ids, [Observers(*[o for o in observers.values() if o is not None])])
+        if full_row is None:
+            start = time.perf_counter()
+            tokens = decode(model, state.cache, state.logits, state.length, sample.max_new_tokens, eos_token_ids=self.eos)
+            crop(state.cache, state.length)
+            full_row = self.row(sample, FULL, 0, tokens, None, None, time.perf_counter() - start)
+            full_row["tokens"] = tokens
+            self.append(full_row)
+            yield full_row
+        reference = full_row["prediction"]
+        answer = [t for t in full_row["tokens"] if t not in self.eos] or full_row["tokens"][:1]
+        truth = ground_truth(model, state, answer)  # (layers, heads, L)
+        scores_cache: dict[str, list] = {}
+        for method, budget in todo:
+            if method == FULL:
+                continue
+            start = time.perf_counter()
+            try:
+                policy = self.policy(method, budget, sample)
+                if isinstance(policy, Oracle):
+                    scores = policy.reduce(list(truth), model.config.num_key_value_heads)
+                elif method in scores_cache and not getattr(policy, "budget_dependent", False):
+                    scores = scores_cache[method]
+                else:
+                    scores = policy.scores(model, state, observers[method])
+                    scores_cache[method] = scores
+                if scores is None:
+                    kept, cache = None, state.cache
+                else:
+                    kept = select(scores, policy.layer_budgets(len(scores), state.length))
+                    cache = evict(state.cache, kept)
+                tokens = decode(model, cache, state.logits, state.length, sample.max_new_tokens, eos_token_ids=self.eos)
+                if cache is state.cache:
+                    crop(state.cache, state.length)
+                row = self.row(sample, method, budget, tokens, kept, truth, time.perf_counter() - start, reference)
+            except Exception as err:  # a failing method must not stop the run
+                row = {**self.base(sample, method, budget), "error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=3)}
+            self.append(row)
+            yield row
+
+    def base(self, sample: Sample, method: str, budget: int) -> dict:
+        return {"sample_id": sample.id, "task": sample.task, "group": sample.group, "length": sample.target_tokens, "n_tokens": sample.n_tokens, "method": method, "budget": budget}
+
+    def row(self, sample, method, budget, tokens, kept, truth, seconds, reference=None) -> dict:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        row = {**self.base(sample, method, budget), "prediction": text, **score_sample(sample, text), "seconds": round(seconds, 3)}
+        if reference is not None:
+            row["fidelity_f1"] = token_f1(text, reference)
+            row["fidelity_em"] = exact_match(text, reference)
+        if truth is not None:
+            row["recall"] = attention_recall(list(truth), kept) if kept is not None else 1.0
+        return row
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
