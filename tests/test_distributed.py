@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ from lookaheadkv.training.data import PromptRecord, build
 from lookaheadkv.training.train import TrainConfig, train
 
 STEPS = 3
+TIMEOUT_S = 120
 # (name, batch): 3 micro-batches split 2 + 1 over the ranks; 1 leaves rank 1 without one
 RUNS = (("uneven", 3), ("lonely", 1))
 
@@ -87,7 +89,13 @@ def ddp_root(tmp_path_factory, data_dir):
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        mp.start_processes(worker, args=(2, free_port(), str(data_dir), str(root)), nprocs=2, join=True, start_method="fork")
+        ranks = mp.start_processes(worker, args=(2, free_port(), str(data_dir), str(root)), nprocs=2, join=False, start_method="fork")
+        deadline = time.monotonic() + TIMEOUT_S
+        while not ranks.join(timeout=1):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                for process in ranks.processes:
+                    process.kill()
+                pytest.fail(f"the two ranks did not finish within {TIMEOUT_S} s (hung all-reduce?)")
     finally:
         for k, v in saved.items():
             if v is None:

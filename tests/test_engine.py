@@ -380,7 +380,7 @@ def test_streamed_text_is_complete_when_generation_stops_inside_a_character(smol
 
     monkeypatch.setattr(module, "generate_ids", scripted)
     chunks: list[str] = []
-    out = module.generate(None, tokenizer, "hi", stream=chunks.append)
+    out = module.generate(tiny_for_tokenizer(tokenizer), tokenizer, "hi", stream=chunks.append)
     assert out.token_ids == ids
     assert "".join(chunks) == out.text
 

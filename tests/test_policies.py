@@ -81,16 +81,15 @@ def group_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def snapkv_reference(probs: torch.Tensor, window: int, kernel: int) -> torch.Tensor:
-    """SnapKV scores (kv_heads, L): window rows' attention to the prefix, GQA mean, max-pool; window = +inf.
+    """SnapKV scores (kv_heads, L): window rows' attention to the prefix, max-pool, GQA mean; window = +inf.
 
-    The GQA mean comes BEFORE the max-pooling (the pooled score of a KV head is the max over the
-    neighbourhood of its group's mean). Pooling each query head first and then averaging is the
-    other reading of the papers; it selects a clearly different set (max does not commute with
-    the mean), so this reference pins the order down.
+    Each query head is pooled BEFORE the GQA mean (METHOD.md's order). Averaging first and
+    pooling after selects a clearly different set (max does not commute with the mean), so
+    this reference pins the order down.
     """
     length = probs.shape[-1]
     votes = probs[:, length - window :, : length - window].sum(dim=1)  # (H, L - w)
-    prefix = pool_by_hand(group_mean(votes, KV_HEADS), kernel)
+    prefix = group_mean(pool_by_hand(votes, kernel), KV_HEADS)
     forced = torch.full((KV_HEADS, window), float("inf"))
     return torch.cat([prefix, forced], dim=-1)
 

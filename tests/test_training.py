@@ -469,3 +469,23 @@ def test_resume_after_a_crash_between_checkpoints(model, data_dir, tmp_path, mon
     log = [json.loads(l) for l in (crashed / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "heldout" in r] == [4, 8]
     assert not (crashed / "checkpoint.tmp").exists() and not (crashed / "checkpoint.old").exists()
+
+
+def test_resume_after_a_crash_inside_the_checkpoint_swap(model, data_dir, tmp_path, monkeypatch):
+    """A kill between save_checkpoint's renames leaves the previous checkpoint as "checkpoint.old"
+    and a half-written "checkpoint.tmp": the rerun resumes from the old one (losing no more than
+    save_every steps), is still the same run, and can save checkpoints again."""
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train(model, config(data_dir, straight, steps=6, save_every=2), progress=False)
+    train(model, config(data_dir, crashed, steps=4, save_every=2), progress=False)
+    (crashed / "checkpoint").rename(crashed / "checkpoint.old")  # step 4's state, as the swap left it
+    (crashed / "checkpoint.tmp").mkdir()
+    (crashed / "checkpoint.tmp" / "model.safetensors").write_bytes(b"\x00" * 10)  # the next save, cut short
+
+    real, calls = train_module.sample_loss, []
+    monkeypatch.setattr(train_module, "sample_loss", lambda *a: calls.append(1) or real(*a))
+    train(model, config(data_dir, crashed, steps=6, save_every=2), progress=False)
+    assert len(calls) == (6 - 4) * 2  # resumed at step 4, not from scratch
+    assert_same_run(straight, crashed)
+    assert json.loads((crashed / "checkpoint" / "state.json").read_text())["step"] == 6
+    assert sorted(p.name for p in crashed.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]

@@ -378,6 +378,9 @@ def demo(
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep the output to the answer, our bars and one-line errors
     app()
 
 

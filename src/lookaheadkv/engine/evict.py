@@ -9,12 +9,12 @@ from .cache import gather
 
 
 def resolve_budget(budget: int | float, prompt_len: int) -> int:
-    """Entries to keep per KV head: an absolute count (int >= 1) or a ratio of the prompt (0 < r <= 1)."""
+    """Entries to keep per KV head: an absolute count (a whole number >= 1) or a ratio of the prompt (0 < r < 1)."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ValueError(f"budget must be a positive integer or a ratio in (0, 1], got {budget!r}")
+        raise ValueError(f"budget must be a positive integer or a ratio in (0, 1), got {budget!r}")
     if isinstance(budget, float) and not budget.is_integer():
         if not 0 < budget <= 1:
-            raise ValueError(f"a fractional budget is a ratio of the prompt and must lie in (0, 1], got {budget}")
+            raise ValueError(f"a fractional budget is a ratio of the prompt and must lie in (0, 1), got {budget}")
         return max(1, round(budget * prompt_len))
     if budget <= 0:
         raise ValueError(f"budget must be a positive integer, got {budget:g}")

@@ -52,7 +52,7 @@ class LAQ(Policy):
     def draft_queries(self, model, prefill, window_mass) -> list[torch.Tensor]:
         """Queries (heads, rows, d) per layer of the pseudo tokens decoded on a SnapKV copy."""
         kv_heads = model.config.num_key_value_heads
-        snap = [window_scores(m, self.window, self.kernel) for m in self.reduce(window_mass, kv_heads)]
+        snap = self.reduce([window_scores(m, self.window, self.kernel) for m in window_mass], kv_heads)
         budget = resolve_budget(self.budget, prefill.length)
         copy = evict(prefill.cache, select(snap, [budget] * len(snap)))
         recorder = QueryRecorder()

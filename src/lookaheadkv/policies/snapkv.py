@@ -26,6 +26,9 @@ def window_scores(mass: torch.Tensor, window: int, kernel: int) -> torch.Tensor:
 class SnapKV(Policy):
     """Score = attention of the last ``window`` prompt queries, max-pooled; the window is kept.
 
+    Each query head's window votes are pooled first, then a GQA group's pooled scores are
+    reduced to one per KV head (the order of METHOD.md and of SnapKV's reference code).
+
     Parameters
     ----------
     window : int
@@ -48,5 +51,5 @@ class SnapKV(Policy):
 
     def scores(self, model, prefill, observer):
         kv_heads = model.config.num_key_value_heads
-        per_kv = self.reduce(observer.per_layer(), kv_heads)
-        return [window_scores(s, self.window, self.kernel) for s in per_kv]
+        pooled = [window_scores(s, self.window, self.kernel) for s in observer.per_layer()]  # per query head
+        return self.reduce(pooled, kv_heads)

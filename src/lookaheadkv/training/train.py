@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,7 +117,9 @@ def _distributed() -> tuple[int, int]:
 
 
 def save_checkpoint(folder: Path, modules: LookaheadModules, optimizer: torch.optim.Optimizer, step: int) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash while it was written: never mix its files with these
     modules.save_pretrained(tmp)
     state = {}
     for i, s in optimizer.state_dict()["state"].items():
@@ -124,15 +127,14 @@ def save_checkpoint(folder: Path, modules: LookaheadModules, optimizer: torch.op
             state[f"{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     save_file(state, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
+    # a crash from here on leaves a whole checkpoint in ``folder`` or, between the renames, in ``old``
     if folder.exists():
-        old = folder.with_name(folder.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
         folder.rename(old)
-        tmp.rename(folder)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(folder)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def load_checkpoint(folder: Path, model, optimizer_factory) -> tuple[LookaheadModules, torch.optim.Optimizer, int]:
@@ -161,8 +163,10 @@ def train(model, cfg: TrainConfig, *, progress: bool = True) -> LookaheadModules
     def make_optimizer(mods):
         return torch.optim.Adam(mods.parameters(), lr=cfg.lr)
 
-    if checkpoint.exists():
-        modules, optimizer, start = load_checkpoint(checkpoint, model, make_optimizer)
+    # a crash between save_checkpoint's two renames leaves only the previous checkpoint, as ".old"
+    resume = checkpoint if checkpoint.exists() else checkpoint.with_name(checkpoint.name + ".old")
+    if resume.exists():
+        modules, optimizer, start = load_checkpoint(resume, model, make_optimizer)
     else:
         torch.manual_seed(cfg.seed)
         modules = LookaheadModules.for_model(model, seed=cfg.seed, n_lookahead=cfg.n_lookahead, rank=cfg.rank, alpha=cfg.alpha)
