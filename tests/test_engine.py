@@ -32,7 +32,7 @@ from lookaheadkv.engine.generate import compress, eos_ids, generate, generate_id
 from lookaheadkv.engine.prefill import prefill
 from lookaheadkv.lookahead import LookaheadModules
 from lookaheadkv.models import tiny_model
-from lookaheadkv.policies import REGISTRY, LookaheadKV, PyramidKV, SnapKV, make_policy
+from lookaheadkv.policies import LAQ, REGISTRY, LookaheadKV, Oracle, PyramidKV, SnapKV, SpecKV, make_policy
 
 NEW_TOKENS = 16
 HEAD_DIM = 16
@@ -194,12 +194,18 @@ def exactness_policy(kind: str, model):
         return SnapKV(budget=40, window=8)
     if kind == "pyramidkv":
         return PyramidKV(budget=40, window=8)
+    if kind == "laq":
+        return LAQ(budget=40, window=8, n_draft=6)
+    if kind == "speckv":
+        return SpecKV(budget=40, window=8, n_draft=6, draft=tiny_model(model.config.model_type, seed=11, num_hidden_layers=2))
+    if kind == "oracle":
+        return Oracle(budget=40, max_new_tokens=8)
     modules = LookaheadModules.for_model(model, seed=5, n_lookahead=8)
     randomize_lora_b(modules, seed=5)
     return LookaheadKV(budget=40, modules=modules)
 
 
-@pytest.mark.parametrize("kind", ["snapkv", "pyramidkv", "lookahead"])
+@pytest.mark.parametrize("kind", ["snapkv", "pyramidkv", "lookahead", "laq", "speckv", "oracle"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_evicted_cache_decodes_like_masked_full_cache(arch, kind):
     steps = 6

@@ -93,6 +93,7 @@ def generate(
     prompt_file: Optional[Path] = typer.Option(None, help="Read the prompt from this file."),
     model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the bundled SmolLM2-135M-Instruct."),
     modules: Optional[str] = typer.Option(None, help="LookaheadKV modules folder or hub id (--method lookahead)."),
+    draft: Optional[str] = typer.Option(None, help="SpecKV draft model, hub id or folder (--method speckv; default: the model itself)."),
     max_new_tokens: int = typer.Option(128, min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0),
@@ -104,7 +105,9 @@ def generate(
     from .models import load_model
 
     text = read_prompt(prompt, prompt_file)
-    policy = build_policy(method, parse_budget(budget), modules)
+    if draft is not None and method != "speckv":
+        fail("--draft only applies to --method speckv")
+    policy = build_policy(method, parse_budget(budget), modules, draft)
     llm, tokenizer = load_model(model)
     out = run(llm, tokenizer, text, policy, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=not no_chat, stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     typer.echo("")

@@ -255,7 +255,7 @@ TASKS: dict[str, TaskSpec] = {
     for spec in (
         TaskSpec("niah_single_number", "niah", "all", 32, niah("number", "noise")),
         TaskSpec("niah_single_word", "niah", "all", 32, niah("word", "essay")),
-        TaskSpec("niah_single_uuid", "niah", "all", 48, niah("uuid", "essay")),
+        TaskSpec("niah_single_uuid", "niah", "all", 64, niah("uuid", "essay")),  # a uuid is 36 SmolLM2 tokens
         TaskSpec("niah_multikey", "multi_niah", "all", 32, niah("number", "essay", n_keys=4)),
         TaskSpec("niah_multivalue", "multi_niah", "all", 64, niah("number", "essay", n_values=4)),
         TaskSpec("niah_multiquery", "multi_niah", "all", 64, niah("number", "essay", n_keys=4, n_queries=4)),
