@@ -16,8 +16,8 @@ shape, directly on the GPU, in bf16 with sdpa attention and small random normal 
 - a markdown table with the date and the GPU's name, and ``results.json``.
 
 A length that runs out of GPU memory is reported as OOM and the script goes on.
-``--tiny`` runs the same code on the CPU with tiny shapes at 256 and 512 tokens (this is
-what the tests run). Usage::
+``--tiny`` runs the same code on the CPU with tiny shapes at 256 and 512 tokens, in fp32
+(this is what the tests run). Usage::
 
     python benchmarks/gpu_cost.py --out runs/gpu-cost                 # on a GPU, about 2-4 min on an H100/H200
     python benchmarks/gpu_cost.py --models 8b --lengths 8192,32768 --reps 5
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cpu" if args.tiny else "cuda")
     shapes = TINY_SHAPES if args.tiny else SHAPES
     lengths = args.lengths or ([256, 512] if args.tiny else [8192, 16384, 32768])
-    dtype = torch.bfloat16
+    dtype = torch.float32 if args.tiny else torch.bfloat16  # CPU bf16 matmuls at tiny shapes are ~10x slower than fp32
     clock = Clock(device)
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
 

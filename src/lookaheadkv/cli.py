@@ -355,7 +355,7 @@ def evaluate(
     run_eval(llm, tokenizer, suite, method_list, budget_list, out, options)
 
 
-DEMO_TASKS = "niah_single_number,niah_multikey,variable_tracking,passage_qa"
+DEMO_TASKS = "niah_single_number,niah_single_word,niah_multiquery,passage_qa"
 
 
 @app.command()
