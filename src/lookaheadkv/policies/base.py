@@ -14,7 +14,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..engine.attention import tail_causal_mask
 from ..engine.evict import resolve_budget
 from ..engine.prefill import Prefill
 

@@ -28,7 +28,6 @@ in :data:`TRAIN_ESSAYS`. The evaluation suite's passage tasks use only the other
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import itertools
 import json
@@ -37,7 +36,7 @@ import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import numpy as np
 

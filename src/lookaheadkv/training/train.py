@@ -28,7 +28,6 @@ from ..engine.evict import select
 from ..engine.prefill import prefill
 from ..evaluation.metrics import attention_recall
 from ..lookahead import LookaheadModules
-from ..policies.base import AttentionMass
 from ..policies.lookahead import LookaheadKV
 from ..policies.snapkv import SnapKV
 from .data import TargetDataset
@@ -213,7 +212,10 @@ def train(model, cfg: TrainConfig, *, progress: bool = True) -> LookaheadModules
         bar.update(step + 1, record)
     bar.close()
     if rank == 0:
+        from .report import plot_log
+
         modules.save_pretrained(out / "final")
+        plot_log(out)
     return modules
 
 
