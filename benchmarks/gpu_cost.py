@@ -111,10 +111,15 @@ def peak_memory(model, input_ids: torch.Tensor, policy, clock: Clock) -> float |
     return (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
-def measure_length(model, methods: dict, length: int, reps: int, clock: Clock) -> list[dict]:
-    """Rows for every method at one prompt length (random token ids)."""
+def random_prompt(model, length: int) -> torch.Tensor:
+    """(1, length) random token ids on the model's device, the same for every method."""
     g = torch.Generator().manual_seed(length)
-    input_ids = torch.randint(0, model.config.vocab_size, (1, length), generator=g).to(model.device)
+    return torch.randint(0, model.config.vocab_size, (1, length), generator=g).to(model.device)
+
+
+def measure_length(model, methods: dict, length: int, reps: int, clock: Clock) -> list[dict]:
+    """Rows for every method at one prompt length."""
+    input_ids = random_prompt(model, length)
     runs = paired_runs(model, input_ids, methods, reps, clock)
     plain = runs[PLAIN]
     rows = []
@@ -175,7 +180,7 @@ def report(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """Build the models, measure, print the table and write ``--out``; returns the results."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU at 256 and 512 tokens (a test of the code path)")
     parser.add_argument("--models", default="8b,1b", help="targets, comma-separated: 8b, 1b")
     parser.add_argument("--lengths", type=parse_ints, default=None, help="prompt tokens (default 8192,16384,32768; --tiny: 256,512)")
@@ -185,9 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     targets = [t for t in args.models.split(",") if t]
     if not targets or set(targets) - set(SHAPES):
-        raise SystemExit(f"error: --models takes a comma-separated subset of {', '.join(SHAPES)}, got {args.models!r}")
+        parser.error(f"--models takes a comma-separated subset of {', '.join(SHAPES)}, got {args.models!r}")
     if not args.tiny and not torch.cuda.is_available():
-        raise SystemExit("error: no CUDA device; run with --tiny to exercise the code on the CPU")
+        parser.error("no CUDA device; run with --tiny to exercise the code on the CPU")
     device = torch.device("cpu" if args.tiny else "cuda")
     shapes = TINY_SHAPES if args.tiny else SHAPES
     lengths = args.lengths or ([256, 512] if args.tiny else [8192, 16384, 32768])
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         methods = {PLAIN: None} | policies(key, model, models, args.budget)
         log(f"{NAMES[key]}: warm-up at {min(lengths)} tokens")
         try:
-            measure_length(model, methods, min(lengths), 1, clock)
+            paired_runs(model, random_prompt(model, min(lengths)), methods, 1, clock)
         except torch.OutOfMemoryError:
             pass  # reported per length below
         for length in lengths:

@@ -2,8 +2,8 @@
 
 SnapKV scores every layer with explicit (heads x window x L) attention rows, never an L x L
 matrix, so what it adds to a plain prefill should grow linearly with the prompt length L.
-Each number is the peak RSS (``ru_maxrss``) of a fresh process that runs once, above a
-process that only holds the model (see :mod:`lookaheadkv.bench.memory`). The per-1K-token
+Each number is the peak RSS of a fresh process that runs once (its own high-water mark),
+above a process that only holds the model (see :mod:`lookaheadkv.bench.memory`). The per-1K-token
 increments between consecutive lengths stay flat when growth is linear; quadratic growth
 would double them at every doubling of L (an L x L fp32 matrix for SmolLM2's 9 heads is
 576 MiB per layer at 4K tokens).
@@ -41,7 +41,7 @@ def mib(value: float | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Measure, print the markdown table, write the JSON; returns the results."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="smollm2")
     parser.add_argument("--lengths", type=parse_ints, default=[1024, 2048, 4096], help="prompt tokens, comma-separated")
     parser.add_argument("--budget", type=int, default=128, help="KV entries kept per head and layer")

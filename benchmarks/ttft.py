@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Measure, print the markdown table, write the JSON; returns the results."""
     import torch
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="smollm2")
     parser.add_argument("--lengths", type=parse_ints, default=[1024, 2048, 4096], help="prompt tokens, comma-separated")
     parser.add_argument("--reps", type=int, default=5, help="paired repetitions per length")

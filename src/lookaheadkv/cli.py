@@ -380,6 +380,14 @@ def demo(
     run_eval(llm, tokenizer, suite, methods, parse_list(budgets, "--budgets", int), out, {})
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def bench(ctx: typer.Context):
+    """Eviction cost per method: time to first token, time added to a plain prefill, peak memory (see 'lookaheadkv bench --help')."""
+    from .bench.cost import main as run
+
+    run(ctx.args)
+
+
 def main() -> None:
     from transformers.utils import logging as hf_logging
 

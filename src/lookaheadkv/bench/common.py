@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -206,10 +207,11 @@ def parse_ints(text: str) -> list[int]:
 def command_line() -> str:
     """The command that is running, as a user would type it."""
     args = list(sys.argv)
-    if args and args[0].endswith(".py"):
+    name = Path(args[0]).name if args else ""
+    if name in ("lookaheadkv", "cli.py"):  # the console script, or python -m lookaheadkv.cli
+        args[0] = "lookaheadkv"
+    elif name.endswith(".py"):
         args.insert(0, "python")
-    elif args:
-        args[0] = args[0].rsplit("/", 1)[-1]
     return shlex.join(args)
 
 

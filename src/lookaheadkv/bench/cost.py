@@ -180,15 +180,18 @@ def markdown(rows: list[CostRow], env: dict, budget: int, reps: int, iso_reps: i
 
 
 def plot(rows: list[CostRow], path: Path, title: str) -> None:
-    """Added time (isolated) against prompt length, one line per method, log-scaled axes."""
+    """Added time (isolated) against prompt length, one line per method, log-scaled axes.
+
+    FullKV is left out: it evicts nothing, so it adds nothing.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in METHODS:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for method in (m for m in METHODS if m not in (PLAIN, "full")):
         points = sorted((r.length, r.isolated_ms) for r in rows if r.method == method and r.isolated_ms and r.isolated_ms > 0)
         if points:
             ax.plot(*zip(*points), marker="o", label=method)
@@ -201,14 +204,16 @@ def plot(rows: list[CostRow], path: Path, title: str) -> None:
     ax.set_ylabel("added time to first token, ms (method's work alone)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lookaheadkv bench", description="Eviction cost per method: TTFT, added time, peak memory.")
+    parser = argparse.ArgumentParser(
+        prog="lookaheadkv bench", description="Eviction cost per method: TTFT, added time, peak memory.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--model", choices=MODELS, default="smollm2", help="the bundled SmolLM2-135M, or a tiny random Llama")
     parser.add_argument("--lengths", type=parse_ints, default=[1024, 2048, 4096, 8192], help="prompt tokens, comma-separated")
     parser.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m], default=list(DEFAULT_METHODS),
@@ -228,10 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, print the markdown table, write the results folder."""
     import torch
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS) - {PLAIN})
     if unknown:
-        raise SystemExit(f"error: unknown methods {', '.join(unknown)}; choose from: {', '.join(m for m in METHODS if m != PLAIN)}")
+        parser.error(f"unknown methods {', '.join(unknown)}; choose from: {', '.join(m for m in METHODS if m != PLAIN)}")
     methods = [m for m in METHODS if m in args.methods or (m == "oracle" and args.oracle)]
     if args.threads:
         torch.set_num_threads(args.threads)

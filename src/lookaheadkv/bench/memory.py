@@ -1,4 +1,4 @@
-"""Peak resident memory of one run, each measured in a fresh process (``ru_maxrss``).
+"""Peak resident memory of one run, each measured in a fresh process.
 
 A process's peak RSS only ever grows, so every measurement gets its own interpreter::
 
@@ -7,8 +7,14 @@ A process's peak RSS only ever grows, so every measurement gets its own interpre
 loads the model, runs an 8-token forward (this pages the memory-mapped weights in and
 initialises the kernels, so they are not counted as the method's memory), runs the method
 once to its first token (:func:`~lookaheadkv.bench.common.first_token`) and prints one JSON
-line ``{"maxrss_mib": ...}``. ``--method baseline`` stops after the 8-token forward: the
+line ``{"peak_mib": ...}``. ``--method baseline`` stops after the 8-token forward: the
 process that only holds the model, which every other peak is reported above.
+
+The peak is the process's own high-water mark, ``VmHWM`` in ``/proc/self/status``
+(``ru_maxrss`` where there is no ``/proc``). On Linux, ``ru_maxrss`` is not usable here: a
+child's ``ru_maxrss`` also holds the parent's RSS at the moment it was started (``execve``
+folds the replaced memory map's high-water mark into it), so a worker started by a
+benchmark that holds a model would report the benchmark's size.
 
 Loading a model briefly needs more memory than holding it. Where Linux allows it, the peak
 is reset after the 8-token forward (``/proc/self/clear_refs``), so that transient cannot
@@ -36,10 +42,17 @@ WARMUP_TOKENS = 8
 MMAP_THRESHOLD = 128 * 1024  # bytes; see the module docstring
 
 
-def maxrss_mib() -> float:
-    """This process's peak resident set size so far, in MiB."""
+def peak_mib() -> float:
+    """This process's own peak resident set size so far, in MiB (see the module docstring)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
 def reset_peak() -> bool:
@@ -53,7 +66,7 @@ def reset_peak() -> bool:
 
 
 def measure_here(model_name: str, method: str, length: int, budget: int) -> dict:
-    """Run one measurement in this process (it must be fresh): ``{"maxrss_mib": ..., "reset": ...}``."""
+    """Run one measurement in this process (it must be fresh): ``{"peak_mib": ..., "reset": ...}``."""
     from ..engine.prefill import prefill
     from .common import Clock, bench_model, first_token, make_method, prompt_ids
 
@@ -64,7 +77,7 @@ def measure_here(model_name: str, method: str, length: int, budget: int) -> dict
     reset = reset_peak()
     if method != BASELINE:
         first_token(model, input_ids, policy, Clock())
-    return {"maxrss_mib": maxrss_mib(), "reset": reset}
+    return {"peak_mib": peak_mib(), "reset": reset}
 
 
 def peak_rss(model_name: str, method: str, length: int, budget: int, threads: int | None = None) -> float:
@@ -83,7 +96,7 @@ def peak_rss(model_name: str, method: str, length: int, budget: int, threads: in
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if not result["reset"]:
         print("warning: could not reset the peak RSS after loading; the load's transient may hide small peaks", file=sys.stderr)
-    return result["maxrss_mib"]
+    return result["peak_mib"]
 
 
 def peaks_above_baseline(

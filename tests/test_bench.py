@@ -1,0 +1,107 @@
+"""The benchmarks run end to end at tiny shapes and report every number they promise.
+
+Nothing here asserts a wall-clock relation between methods (machines are noisy); the
+benchmarks' numbers are checked for presence, sign and bookkeeping only. The memory
+scripts' formatting runs on a stand-in for the fresh-process measurement, which is itself
+tested once for real.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from helpers import single_thread  # noqa: F401  (autouse fixture)
+from lookaheadkv.bench import METHODS, PLAIN, bench_model, make_method, measure, memory, ratios
+from lookaheadkv.cli import app
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_peak_rss(model_name, method, length, budget, threads=None):
+    """Stand-in for a fresh process: 100 MiB held, plus 1 MiB per 64 tokens, plus 1 MiB for SnapKV."""
+    return 100.0 if method == memory.BASELINE else 100.0 + length / 64 + (method == "snapkv")
+
+
+def test_cost_measures_every_method_at_every_length():
+    model, tokenizer = bench_model("tiny")
+    methods = {m: make_method(m, model, 16) for m in METHODS if m != PLAIN}
+    rows = measure(model, tokenizer, [64, 128], methods, reps=1, iso_reps=1)
+    assert sorted((r.method, r.length) for r in rows) == sorted((m, n) for m in METHODS for n in (64, 128))
+    for row in rows:
+        assert row.ttft_ms > 0 and row.prefill_ms > 0
+        if row.method == PLAIN:
+            assert row.isolated_ms is None and row.added_ms == 0
+        else:
+            assert row.isolated_ms > 0 and row.share_pct > 0
+    assert set(ratios(rows)) == {64, 128}
+
+
+def test_bench_command_writes_results_table_and_plot(tmp_path):
+    out = tmp_path / "cost"
+    args = ["bench", "--model", "tiny", "--lengths", "64,128", "--reps", "1", "--iso-reps", "1", "--budget", "16",
+            "--methods", "snapkv,lookahead,laq", "--no-memory", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["method"], r["length"]) for r in results["rows"]} == {(m, n) for m in (PLAIN, "snapkv", "lookahead", "laq") for n in (64, 128)}
+    assert set(results["laq_over_lookahead"]) == {"64", "128"}
+    table = (out / "table.md").read_text()
+    assert "| laq | 128 |" in table and "LAQ added / LookaheadKV added" in table
+    assert (out / "cost.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_command_rejects_unknown_methods(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny", "--methods", "snapkv,nope", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "nope" in result.output
+
+
+def test_gpu_script_tiny_path_runs_on_the_cpu(tmp_path):
+    gpu_cost = load_script("gpu_cost")
+    results = gpu_cost.main(["--tiny", "--lengths", "64,128", "--reps", "1", "--out", str(tmp_path)])
+    assert [(run["model"], run["length"]) for run in results["runs"]] == [(m, n) for m in ("Llama-3.1-8B", "Llama-3.2-1B") for n in (64, 128)]
+    for run in results["runs"]:
+        assert [r["method"] for r in run["rows"]] == list(gpu_cost.METHODS)
+        assert all(r["ttft_ms"] > 0 and r["peak_gib"] is None for r in run["rows"])
+    assert results["speckv_drafts"] == {"Llama-3.1-8B": "Llama-3.2-1B", "Llama-3.2-1B": "self"}
+    assert "CPU" in (tmp_path / "table.md").read_text()
+
+
+def test_ttft_script_tiny(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "peak_rss", fake_peak_rss)
+    ttft = load_script("ttft")
+    results = ttft.main(["--model", "tiny", "--lengths", "64,128", "--reps", "2", "--iso-reps", "2", "--json", str(tmp_path / "ttft.json")])
+    assert {(r["method"], r["length"]) for r in results["rows"]} == {(m, n) for m in (PLAIN, "snapkv", "lookahead") for n in (64, 128)}
+    assert all(r["ttft_ms"] > 0 for r in results["rows"])
+    assert all(r["isolated_ms"] > 0 for r in results["rows"] if r["method"] != PLAIN)
+    peaks = {(p["method"], p["length"]): p["mib"] for p in results["peak_mib"]}
+    assert peaks == {("snapkv", 64): 2.0, ("lookahead", 64): 1.0, ("snapkv", 128): 3.0, ("lookahead", 128): 2.0}
+    assert json.loads((tmp_path / "ttft.json").read_text())["n_lookahead"] == 32
+
+
+def test_scoring_memory_script_reports_increments_per_1k_tokens(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(memory, "peak_rss", fake_peak_rss)
+    scoring_memory = load_script("scoring_memory")
+    results = scoring_memory.main(["--model", "tiny", "--lengths", "64,128,256", "--json", str(tmp_path / "mem.json")])
+    rows = {r["length"]: r for r in results["rows"]}
+    assert rows[64]["plain_mib"] == 1.0 and rows[256]["snapkv_mib"] == 5.0 and rows[128]["snapkv_minus_plain_mib"] == 1.0
+    assert rows[64]["plain_per_1k_mib"] is None
+    assert rows[128]["plain_per_1k_mib"] == pytest.approx(16.0) and rows[256]["snapkv_per_1k_mib"] == pytest.approx(16.0)
+    assert "last over first: 1.00" in capsys.readouterr().out
+
+
+def test_peak_memory_comes_from_fresh_processes():
+    baseline, above = memory.peaks_above_baseline("tiny", [("snapkv", 256)], budget=16, threads=1, jobs=2)
+    assert baseline > 50  # a Python process holding torch and a model
+    assert isinstance(above[("snapkv", 256)], float)
