@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,8 +134,8 @@ class LookaheadModules(nn.Module):
         config.base_shape = base_shape(model)
         config.base_model = getattr(model.config, "_name_or_path", "") or ""
         modules = cls(config)
-        g = torch.Generator().manual_seed(seed)
-        embed = model.get_input_embeddings().weight.detach().float()
+        g = torch.Generator().manual_seed(seed)  # drawn on the CPU, so the same seed gives the same modules everywhere
+        embed = model.get_input_embeddings().weight.detach().float().cpu()
         mean, std = embed.mean(0), embed.std(0)
         with torch.no_grad():
             noise = torch.randn(config.n_lookahead, embed.shape[1], generator=g)
@@ -159,11 +160,19 @@ class LookaheadModules(nn.Module):
                 got_txt = "missing" if got is None else f"{got.in_features}x{got.out_features}"
                 raise ModulesError(f"layer {name}: modules expect {fan_in}x{fan_out}, the model has {got_txt}")
 
+    def _linears(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """The target linears of ``model``, checked once per model and remembered."""
+        cached = getattr(self, "_fitted", None)
+        if cached is None or cached[0]() is not model:
+            self.check_fits(model)
+            linears = target_linears(model, self.config.target_modules, self.config.layers)
+            self._fitted = (weakref.ref(model), linears)
+        return self._fitted[1]
+
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
         """Hook the LoRA adapters onto ``model``'s linears for the duration of the block."""
-        self.check_fits(model)
-        linears = target_linears(model, self.config.target_modules, self.config.layers)
+        linears = self._linears(model)
         handles = [linears[name].register_forward_hook(self._hook(_key(name))) for name in self.config.linear_shapes]
         try:
             yield
@@ -176,7 +185,9 @@ class LookaheadModules(nn.Module):
 
         def add_lora(module, args, output):
             x = args[0]
-            return output + (x.to(a.dtype) @ a.T @ b.T * scaling).to(output.dtype)
+            if x.dtype != a.dtype:
+                return output + ((x.to(a.dtype) @ a.T) @ (b.T * scaling)).to(output.dtype)
+            return output + (x @ a.T) @ (b.T * scaling)
 
         return add_lora
 

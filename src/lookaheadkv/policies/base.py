@@ -23,21 +23,22 @@ GQA_REDUCTIONS = ("mean", "max")
 def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, row_offset: int) -> torch.Tensor:
     """Softmax attention of query rows over all keys, causal: (heads, rows, k).
 
-    ``query`` (heads, rows, d) holds rows ``row_offset ..`` of the ``q`` new rows of a call whose
-    keys ``key`` (heads, k, d) end with those ``q`` rows (GQA already expanded).
+    ``query`` (heads, rows, d) holds rows at absolute positions ``row_offset ..`` and ``key``
+    (kv_heads, k, d) the keys (not repeated over the GQA group: each group's query rows are
+    multiplied against their KV head in one batched matmul, so no copy of the cache is made).
+    Row i sees keys ``0 .. row_offset + i``; only the columns after ``row_offset`` can be masked.
     """
-    rows, k = query.shape[1], key.shape[1]
-    logits = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # (heads, rows, k)
-    visible = torch.arange(k, device=key.device)[None, :] <= (
-        torch.arange(rows, device=key.device)[:, None] + row_offset
-    )
-    logits = logits.masked_fill(~visible, float("-inf"))
+    heads, rows, dim = query.shape
+    kv_heads, k = key.shape[0], key.shape[1]
+    grouped = query.reshape(kv_heads, (heads // kv_heads) * rows, dim)
+    logits = torch.matmul(grouped, key.transpose(-1, -2)).view(heads, rows, k).float()
+    logits.mul_(scaling)
+    first = row_offset + 1  # the first column that some row cannot see
+    if first < k:
+        cols = torch.arange(first, k, device=key.device)[None, :]
+        hidden = cols > torch.arange(rows, device=key.device)[:, None] + row_offset  # (rows, k - first)
+        logits[..., first:].masked_fill_(hidden, float("-inf"))
     return logits.softmax(dim=-1)
-
-
-def expand_kv(key: torch.Tensor, heads: int) -> torch.Tensor:
-    """(kv_heads, k, d) -> (heads, k, d), repeating each KV head over its query group."""
-    return key.repeat_interleave(heads // key.shape[0], dim=0)
 
 
 def attention_mass(
@@ -56,11 +57,10 @@ def attention_mass(
     """
     q, k = query.shape[2], key.shape[2]
     first = 0 if last_rows is None else max(0, q - last_rows)
-    keys = expand_kv(key[0], query.shape[1])
     total = None
     for start in range(first, q, chunk):
         rows = query[0, :, start : min(q, start + chunk)]
-        probs = attention_rows(rows, keys, scaling, row_offset=k - q + start)
+        probs = attention_rows(rows, key[0], scaling, row_offset=k - q + start)
         part = probs.amax(dim=1) if reduce == "max" else probs.sum(dim=1)
         if total is None:
             total = part

@@ -12,7 +12,7 @@ import torch
 
 from ..engine.decode import decode
 from ..engine.evict import evict, resolve_budget, select
-from .base import AttentionMass, Observers, Policy, QueryRecorder, attention_rows, expand_kv, max_pool
+from .base import AttentionMass, Observers, Policy, QueryRecorder, attention_rows, max_pool
 from .snapkv import window_scores
 
 
@@ -64,7 +64,7 @@ class LAQ(Policy):
         queries, scaling = self.draft_queries(model, prefill, window.per_layer())
         out = []
         for layer, q in enumerate(queries):
-            keys = expand_kv(prefill.cache.layers[layer].keys[0], q.shape[0])  # (heads, L, d), the FULL prompt
+            keys = prefill.cache.layers[layer].keys[0]  # (kv_heads, L, d): the FULL prompt, not the copy
             mass = attention_rows(q, keys, scaling, row_offset=keys.shape[1]).sum(dim=1)  # (heads, L)
             if self.prompt_rows:
                 mass = mass + last.mass[layer]
