@@ -6,7 +6,7 @@ lookahead tokens with grad over its cache (their attention rows n x L, per layer
 to (layers x heads x L) labels, ``backward()`` and ``Adam.step()``.
 
 Every length runs in its own FRESH Python process (a process's peak RSS only grows), which
-prints its own peak (``ru_maxrss``). Each is reported above a baseline process that only
+prints its own peak (``VmHWM``; ``ru_maxrss`` where there is no /proc). Each is reported above a baseline process that only
 loads the model and runs an 8-token forward (that pages memory-mapped weights in and sets up
 the kernels). Loading briefly needs more memory than holding the model, so where Linux allows
 it each child resets its peak after that warm-up (``/proc/self/clear_refs``); otherwise the
@@ -27,33 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from lookaheadkv.bench.memory import peak_mib, reset_peak
+
 WARMUP_TOKENS = 8
 LINEAR_TOLERANCE = 1.5  # last/first increment ratio accepted as linear (quadratic: ~2 per doubling)
 
 
 # ----------------------------------------------------------------------------- child side
-
-
-def maxrss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
-def reset_peak() -> bool:
-    """Lower this process's peak RSS to its current RSS (Linux ``clear_refs``); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def load(model_name: str):
@@ -97,7 +83,7 @@ def child(args) -> dict:
         loss.backward()
         optimizer.step()
         result.update(loss=loss.item(), seconds=time.perf_counter() - start)
-    result["maxrss_mib"] = maxrss_mib()
+    result["maxrss_mib"] = peak_mib()
     return result
 
 
