@@ -279,18 +279,25 @@ def resolve_tasks(text: str) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
-def run_eval(llm, tokenizer, samples, methods, budgets, out: Path, options: dict) -> None:
+def run_eval(llm, tokenizer, samples, methods, budgets, out: Path, options: dict, report_only: bool = False) -> None:
     from .evaluation import report
     from .evaluation.runner import EvalConfig, Runner, read_results
 
     config = EvalConfig(methods=methods, budgets=budgets, method_options=options)
-    runner = Runner(llm, tokenizer, config, out)
-    progress = _bar("eval", len(samples))
-    with progress:
-        runner.run(samples, on_sample=lambda i, n: progress.update(progress.task_ids[0], completed=i))
+    if not report_only:
+        runner = Runner(llm, tokenizer, config, out)
+        progress = _bar("eval", len(samples))
+        with progress:
+            runner.run(samples, on_sample=lambda i, n: progress.update(progress.task_ids[0], completed=i))
+    elif not (out / "results.jsonl").exists():
+        fail(f"{out} has no results.jsonl to report on")
     ids = {s.id for s in samples}
     keys = set(config.runs())
     rows = [r for r in read_results(out / "results.jsonl") if r["sample_id"] in ids and (r["method"], r["budget"]) in keys]
+    if report_only:  # only the samples every method has finished, so the comparison stays paired
+        finished = {s for s in ids if all(any(r["sample_id"] == s and (r["method"], r["budget"]) == k for r in rows) for k in keys)}
+        rows = [r for r in rows if r["sample_id"] in finished]
+        typer.echo(f"reporting on {len(finished)} samples that every method finished")
     summary = report.summarise(rows)
     report.terminal(summary)
     text = "\n\n".join(f"## {title}\n\n" + report.markdown(summary, metric) for metric, title in report.METRICS.items())
@@ -328,6 +335,7 @@ def evaluate(
     longbench_dir: Optional[Path] = typer.Option(None, help="Folder of LongBench {task}.jsonl files (default: the hub)."),
     max_length: int = typer.Option(7500, help="LongBench prompts are truncated middle-out to this many tokens."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
+    report_only: bool = typer.Option(False, "--report-only", help="Summarise what results.jsonl holds (samples every method finished); run nothing."),
 ):
     """Compare methods x budgets x tasks x lengths on the same prompts; resumable."""
     import torch
@@ -352,7 +360,7 @@ def evaluate(
         suite = [s for t in parse_list(longbench, "--longbench") for s in load_longbench(t, data_dir=longbench_dir, tokenizer=tokenizer, max_length=max_length, limit=samples)]
     else:
         suite = make_suite(tokenizer, task_list, parse_list(lengths, "--lengths", int), samples, split="eval", seed=seed)
-    run_eval(llm, tokenizer, suite, method_list, budget_list, out, options)
+    run_eval(llm, tokenizer, suite, method_list, budget_list, out, options, report_only)
 
 
 DEMO_TASKS = "niah_single_number,niah_single_word,niah_multiquery,passage_qa"
