@@ -44,6 +44,43 @@ def tail_causal_mask(q: int, k: int, device: torch.device) -> torch.Tensor | Non
     return cols <= rows + (k - q)
 
 
+def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, row_offset: int) -> torch.Tensor:
+    """Softmax attention of query rows over all keys, causal: (heads, rows, k).
+
+    ``query`` (heads, rows, d) holds rows at absolute positions ``row_offset ..`` and ``key``
+    (kv_heads, k, d) the keys (not repeated over the GQA group: each group's query rows are
+    multiplied against their KV head in one batched matmul, so no copy of the cache is made).
+    Row i sees keys ``0 .. row_offset + i``; only the columns after ``row_offset`` can be masked.
+    """
+    heads, rows, dim = query.shape
+    kv_heads, k = key.shape[0], key.shape[1]
+    grouped = query.reshape(kv_heads, (heads // kv_heads) * rows, dim)
+    logits = torch.matmul(grouped, key.transpose(-1, -2)).view(heads, rows, k).float()
+    logits.mul_(scaling)
+    first = row_offset + 1  # the first column that some row cannot see
+    if first < k:
+        cols = torch.arange(first, k, device=key.device)[None, :]
+        hidden = cols > torch.arange(rows, device=key.device)[:, None] + row_offset  # (rows, k - first)
+        logits[..., first:].masked_fill_(hidden, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def _explicit(query, key, value, scaling, observers):
+    """Attention computed once as explicit rows, shared with observers that take them.
+
+    Used for short calls over a cache (lookahead tokens, drafts): the observers get the very
+    probabilities the layer uses instead of recomputing ``QK^T`` and the softmax.
+    """
+    q, k = query.shape[2], key.shape[2]
+    probs = attention_rows(query[0], key[0], scaling, row_offset=k - q)  # (heads, q, k)
+    for observe in observers:
+        observe.take_probs(probs, q, k)
+    kv_heads = key.shape[1]
+    grouped = probs.to(value.dtype).reshape(kv_heads, -1, k)  # (kv_heads, group * q, k)
+    out = torch.matmul(grouped, value[0]).view(query.shape[1], q, -1)  # (heads, q, d)
+    return out.transpose(0, 1)[None].contiguous()
+
+
 def _attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
     if query.shape[0] != 1:
         raise ValueError(f"lookaheadkv runs batch size 1, got a batch of {query.shape[0]}")
@@ -54,7 +91,13 @@ def _attention(module, query, key, value, attention_mask=None, dropout=0.0, scal
             f"has {k}; sliding-window layers are not supported: use a model or config without them"
         )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    for observe in _observers():
+    observers = _observers()
+    takers = [o for o in observers if getattr(o, "takes_probs", lambda q, k: False)(q, k)]
+    if takers and len(takers) == len(observers):
+        for observe in takers:
+            observe.layer = module.layer_idx
+        return _explicit(query, key, value, scaling, takers), None
+    for observe in observers:
         observe(module.layer_idx, query, key, scaling)
     out = F.scaled_dot_product_attention(
         query,

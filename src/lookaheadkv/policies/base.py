@@ -14,31 +14,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..engine.attention import attention_rows
 from ..engine.evict import resolve_budget
 from ..engine.prefill import Prefill
 
 GQA_REDUCTIONS = ("mean", "max")
-
-
-def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, row_offset: int) -> torch.Tensor:
-    """Softmax attention of query rows over all keys, causal: (heads, rows, k).
-
-    ``query`` (heads, rows, d) holds rows at absolute positions ``row_offset ..`` and ``key``
-    (kv_heads, k, d) the keys (not repeated over the GQA group: each group's query rows are
-    multiplied against their KV head in one batched matmul, so no copy of the cache is made).
-    Row i sees keys ``0 .. row_offset + i``; only the columns after ``row_offset`` can be masked.
-    """
-    heads, rows, dim = query.shape
-    kv_heads, k = key.shape[0], key.shape[1]
-    grouped = query.reshape(kv_heads, (heads // kv_heads) * rows, dim)
-    logits = torch.matmul(grouped, key.transpose(-1, -2)).view(heads, rows, k).float()
-    logits.mul_(scaling)
-    first = row_offset + 1  # the first column that some row cannot see
-    if first < k:
-        cols = torch.arange(first, k, device=key.device)[None, :]
-        hidden = cols > torch.arange(rows, device=key.device)[:, None] + row_offset  # (rows, k - first)
-        logits[..., first:].masked_fill_(hidden, float("-inf"))
-    return logits.softmax(dim=-1)
 
 
 def attention_mass(
@@ -100,6 +80,15 @@ class AttentionMass:
         q, k = query.shape[2], key.shape[2]
         cols = k if q == k else k - q
         self.mass[layer_idx] = attention_mass(query, key, scaling, self.last_rows, self.chunk, self.reduce)[:, :cols]
+
+    def takes_probs(self, q: int, k: int) -> bool:
+        """Short calls over a cache, all rows wanted: the layer's own probabilities can be reused."""
+        return q < k and q <= self.chunk and (self.last_rows is None or self.last_rows >= q)
+
+    def take_probs(self, probs: torch.Tensor, q: int, k: int) -> None:
+        """``probs`` (heads, q, k): the layer's attention rows, computed once by the engine."""
+        part = probs.amax(dim=1) if self.reduce == "max" else probs.sum(dim=1)
+        self.mass[self.layer] = part[:, : k - q]
 
     def per_layer(self) -> list[torch.Tensor]:
         return [self.mass[i] for i in sorted(self.mass)]
