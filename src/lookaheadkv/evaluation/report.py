@@ -28,7 +28,8 @@ def summarise(rows: list[dict], baseline: str = "snapkv", n_boot: int = 1000) ->
             by_key[key][r["sample_id"]] = r
     full = {g: by_key[(g, m, b)] for (g, m, b) in by_key if m == "full"}
     out = {}
-    for key, samples in by_key.items():
+    for key in sorted(set(by_key) | set(errors), key=str):
+        samples = by_key.get(key, {})
         group, method, budget = key
         entry = {"n": len(samples), "errors": errors.get(key, 0)}
         for metric in METRICS:
