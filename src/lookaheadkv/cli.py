@@ -55,6 +55,13 @@ def parse_budget(text: str) -> int | float:
     return value
 
 
+def check_modules_arg(modules: str) -> str:
+    """--modules must be an existing folder or a hub id 'org/name'."""
+    if not Path(modules).expanduser().exists() and modules.count("/") != 1:
+        fail(f"no lookahead modules at {modules}: give a folder written by save_pretrained or a hub id")
+    return modules
+
+
 def build_policy(method: str, budget: int | float, modules: Optional[str] = None, draft: Optional[str] = None, **extra):
     from .policies import REGISTRY, make_policy
 
@@ -64,9 +71,7 @@ def build_policy(method: str, budget: int | float, modules: Optional[str] = None
     if modules is not None:
         if method != "lookahead":
             fail("--modules only applies to --method lookahead")
-        if not Path(modules).expanduser().exists() and modules.count("/") != 1:
-            fail(f"no lookahead modules at {modules}: give a folder written by save_pretrained or a hub id")
-        kwargs["modules"] = modules
+        kwargs["modules"] = check_modules_arg(modules)
     if draft is not None:
         kwargs["draft"] = draft
     return make_policy(method, **kwargs)
@@ -310,9 +315,7 @@ def run_eval(llm, tokenizer, samples, methods, budgets, out: Path, options: dict
 def method_options(methods: list[str], modules: Optional[str], draft: Optional[str]) -> dict:
     options = {}
     if modules is not None:
-        if not Path(modules).expanduser().exists() and modules.count("/") != 1:
-            fail(f"no lookahead modules at {modules}: give a folder written by save_pretrained or a hub id")
-        options["lookahead"] = {"modules": modules}
+        options["lookahead"] = {"modules": check_modules_arg(modules)}
     if draft is not None:
         options["speckv"] = {"draft": draft}
     return options

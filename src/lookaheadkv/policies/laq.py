@@ -12,13 +12,9 @@ import torch
 
 from ..engine.decode import decode
 from ..engine.evict import evict, resolve_budget, select
+from ..engine.generate import eos_ids
 from .base import AttentionMass, Observers, Policy, QueryRecorder, attention_rows, max_pool
 from .snapkv import window_scores
-
-
-def eos_of(model) -> list[int]:
-    ids = getattr(model.generation_config, "eos_token_id", None) if model.generation_config is not None else None
-    return [ids] if isinstance(ids, int) else list(ids or [])
 
 
 @dataclass
@@ -56,7 +52,7 @@ class LAQ(Policy):
         budget = resolve_budget(self.budget, prefill.length)
         copy = evict(prefill.cache, select(snap, [budget] * len(snap)))
         recorder = QueryRecorder()
-        decode(model, copy, prefill.logits, prefill.length, self.n_draft + 1, eos_token_ids=eos_of(model), observers=[recorder])
+        decode(model, copy, prefill.logits, prefill.length, self.n_draft + 1, eos_token_ids=eos_ids(model, None), observers=[recorder])
         return recorder.per_layer(), recorder.scaling
 
     def scores(self, model, prefill, observer):

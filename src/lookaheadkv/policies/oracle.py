@@ -8,8 +8,8 @@ import torch
 
 from ..engine.cache import copy_cache
 from ..engine.decode import decode
+from ..engine.generate import eos_ids
 from .base import Policy
-from .laq import eos_of
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Oracle(Policy):
     def scores(self, model, prefill, observer):
         from ..training.targets import ground_truth
 
-        eos = eos_of(model)
+        eos = eos_ids(model, None)
         answer = decode(model, copy_cache(prefill.cache), prefill.logits, prefill.length, self.max_new_tokens, eos_token_ids=eos)
         if len(answer) > 1 and answer[-1] in eos:
             answer = answer[:-1]

@@ -12,9 +12,9 @@ import torch
 
 from ..engine.cache import copy_cache
 from ..engine.decode import decode
+from ..engine.generate import eos_ids
 from ..engine.prefill import extend, prefill
 from .base import AttentionMass, Policy, max_pool
-from .laq import eos_of
 
 
 @dataclass
@@ -68,7 +68,7 @@ class SpecKV(Policy):
         else:
             own = prefill(drafter, state.input_ids)
             start, logits = own.cache, own.logits
-        return decode(drafter, start, logits, state.length, self.n_draft, eos_token_ids=eos_of(drafter))
+        return decode(drafter, start, logits, state.length, self.n_draft, eos_token_ids=eos_ids(drafter, None))
 
     def scores(self, model, prefill_state, observer):
         tokens = self.draft_tokens(model, prefill_state)
