@@ -28,7 +28,7 @@ from helpers import (  # noqa: F401  (single_thread is an autouse fixture)
 )
 from lookaheadkv.engine.attention import hooked
 from lookaheadkv.engine.decode import Sampling, decode
-from lookaheadkv.engine.generate import compress, eos_ids, generate, generate_ids
+from lookaheadkv.engine.generate import compress, eos_ids, generate, generate_ids, run_prefill
 from lookaheadkv.engine.prefill import prefill
 from lookaheadkv.lookahead import LookaheadModules
 from lookaheadkv.models import tiny_model
@@ -448,3 +448,42 @@ def test_bad_generation_settings_are_rejected():
         Sampling(temperature=-0.5)
     with pytest.raises(ValueError, match="top_p"):
         Sampling(temperature=1.0, top_p=0.0)
+
+
+# ----------------------------------------------------------------------------- 7. batched decoding
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_batch_equals_decoding_each_cache(arch):
+    """Several evictions of one prompt decoded as one batch give each one's own greedy tokens."""
+    from lookaheadkv.engine.cache import copy_cache
+    from lookaheadkv.engine.decode import decode_batch
+
+    model = tiny_model(arch, seed=3)
+    ids = random_ids(120, seed=7)
+    names = ["snapkv", "h2o", "tova", "streamingllm", "random"]
+    caches, state = [], None
+    for name in names:
+        state, observer = run_prefill(model, ids, make_policy(name, budget=24))
+        caches.append(compress(model, state, make_policy(name, budget=24), observer).cache)
+    singles = [decode(model, copy_cache(c), state.logits, state.length, NEW_TOKENS) for c in caches]  # decode grows its cache
+    assert len({tuple(s) for s in singles}) > 1  # the evictions really differ, else the test proves little
+    # an EOS that one row emits early: that row must stop there and the others go on
+    eos = singles[0][3]
+    expected = [s[: s.index(eos) + 1] if eos in s else s for s in singles]
+    before = [c.layers[0].keys.clone() for c in caches]
+    assert decode_batch(model, caches, state.logits, state.length, NEW_TOKENS, eos_token_ids=[eos]) == expected
+    assert all(torch.equal(b, c.layers[0].keys) for b, c in zip(before, caches))  # caches untouched
+
+
+def test_decode_batch_rejects_caches_of_different_sizes():
+    from lookaheadkv.engine.decode import decode_batch
+
+    model = tiny_model("llama")
+    ids = random_ids(60, seed=1)
+    caches = []
+    for budget in (8, 16):
+        state, observer = run_prefill(model, ids, SnapKV(budget=budget))
+        caches.append(compress(model, state, SnapKV(budget=budget), observer).cache)
+    with pytest.raises(ValueError, match="same number of entries"):
+        decode_batch(model, caches, state.logits, state.length, 4)

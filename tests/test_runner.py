@@ -122,3 +122,14 @@ def test_unknown_method_is_rejected():
         EvalConfig(["full", "nope"], [64])
     with pytest.raises(ValueError, match="budgets"):
         EvalConfig(["full"], [0])
+
+
+def test_batched_decoding_gives_the_rows_of_one_by_one_decoding(setup, tmp_path):
+    """The runner decodes equal-sized evictions as one batch; every row must be what decoding it alone gives."""
+    model, tokenizer, suite, options = setup
+    methods = ["full", "snapkv", "streamingllm", "h2o", "tova", "lookahead", "oracle", "pyramidkv"]
+    one_by_one = Runner(model, tokenizer, EvalConfig(methods, BUDGETS, options, batch_decode=False), tmp_path / "single").run(suite)
+    batched = Runner(model, tokenizer, EvalConfig(methods, BUDGETS, options, batch_decode=True), tmp_path / "batched").run(suite)
+    assert not any("error" in r for r in batched)
+    assert len({r["prediction"] for r in batched}) > 1
+    assert stable(batched) == stable(one_by_one)

@@ -207,3 +207,16 @@ def test_errors(tiny_tokenizer):
         make_sample("no_such_task", tiny_tokenizer, 1024, seed=0)
     with pytest.raises(ValueError):
         make_sample("niah_single_number", tiny_tokenizer, 20, seed=0)  # the template alone is longer
+
+
+def test_per_group_suite_shares_samples_over_a_groups_tasks(smollm2_tokenizer):
+    tasks = ["niah_single_number", "niah_single_word", "niah_single_uuid", "variable_tracking"]
+    suite = make_suite(smollm2_tokenizer, tasks, [256], 5, split="eval", seed=0, per_group=True)
+    per_task = {t: [s for s in suite if s.task == t] for t in tasks}
+    assert [len(per_task[t]) for t in tasks] == [2, 2, 1, 5]
+    assert sum(s.group == "niah" for s in suite) == 5 and sum(s.group == "tracking" for s in suite) == 5
+    # index-major: the first samples cover every task before any task's second one
+    assert [s.task for s in suite[:4]] == tasks
+    # the same sample as the task-major suite's sample i (same id, same prompt): runs resume each other
+    plain = make_suite(smollm2_tokenizer, ["niah_single_word"], [256], 2, split="eval", seed=0)
+    assert [(s.id, s.prompt_ids) for s in per_task["niah_single_word"]] == [(s.id, s.prompt_ids) for s in plain]

@@ -300,7 +300,8 @@ def run_eval(llm, tokenizer, samples, methods, budgets, out: Path, options: dict
     keys = set(config.runs())
     rows = [r for r in read_results(out / "results.jsonl") if r["sample_id"] in ids and (r["method"], r["budget"]) in keys]
     if report_only:  # only the samples every method has finished, so the comparison stays paired
-        finished = {s for s in ids if all(any(r["sample_id"] == s and (r["method"], r["budget"]) == k for r in rows) for k in keys)}
+        have = {(r["sample_id"], r["method"], r["budget"]) for r in rows}
+        finished = {s for s in ids if all((s, *k) in have for k in keys)}
         rows = [r for r in rows if r["sample_id"] in finished]
         typer.echo(f"reporting on {len(finished)} samples that every method finished")
     summary = report.summarise(rows)
@@ -330,7 +331,8 @@ def evaluate(
     budgets: str = typer.Option("64,128,256", help="Comma-separated KV budgets per head."),
     tasks: str = typer.Option("all", help="Task names or groups (niah, multi_niah, tracking, aggregation, qa), or all."),
     lengths: str = typer.Option("2048", help="Prompt lengths in tokens."),
-    samples: int = typer.Option(5, min=1, help="Samples per task and length."),
+    samples: int = typer.Option(5, min=1, help="Samples per task and length (per task group with --per-group)."),
+    per_group: bool = typer.Option(False, "--per-group", help="--samples counts per task group, shared over its tasks, index-major (a partial run covers every group)."),
     seed: int = typer.Option(0),
     modules: Optional[str] = typer.Option(None, help="LookaheadKV modules (default: shipped ones for the bundled model)."),
     draft: Optional[str] = typer.Option(None, help="SpecKV draft model (default: the target itself)."),
@@ -362,7 +364,7 @@ def evaluate(
 
         suite = [s for t in parse_list(longbench, "--longbench") for s in load_longbench(t, data_dir=longbench_dir, tokenizer=tokenizer, max_length=max_length, limit=samples)]
     else:
-        suite = make_suite(tokenizer, task_list, parse_list(lengths, "--lengths", int), samples, split="eval", seed=seed)
+        suite = make_suite(tokenizer, task_list, parse_list(lengths, "--lengths", int), samples, split="eval", seed=seed, per_group=per_group)
     run_eval(llm, tokenizer, suite, method_list, budget_list, out, options, report_only)
 
 

@@ -10,7 +10,9 @@ still project, rotate and cache; only the attention kernel call is ours.
 Because the engine runs batch size 1 without padding, the mask is always the causal
 "tail" pattern: the ``q`` new tokens are the last ``q`` of the ``k`` cached ones. We build
 it here instead of letting Hugging Face build one from the cache length, which lets
-layers hold different numbers of entries after eviction (PyramidKV).
+layers hold different numbers of entries after eviction (PyramidKV). The one exception to
+batch size 1 is :func:`engine.decode.decode_batch`: single-token steps over equal-sized
+caches stacked along the batch, without observers, where no mask is needed.
 """
 
 from __future__ import annotations
@@ -54,9 +56,8 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, row_o
     """
     heads, rows, dim = query.shape
     kv_heads, k = key.shape[0], key.shape[1]
-    grouped = query.reshape(kv_heads, (heads // kv_heads) * rows, dim)
+    grouped = query.reshape(kv_heads, (heads // kv_heads) * rows, dim) * scaling  # scale the rows, not rows x k logits
     logits = torch.matmul(grouped, key.transpose(-1, -2)).view(heads, rows, k).float()
-    logits.mul_(scaling)
     first = row_offset + 1  # the first column that some row cannot see
     if first < k:
         cols = torch.arange(first, k, device=key.device)[None, :]
@@ -82,16 +83,17 @@ def _explicit(query, key, value, scaling, observers):
 
 
 def _attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
-    if query.shape[0] != 1:
-        raise ValueError(f"lookaheadkv runs batch size 1, got a batch of {query.shape[0]}")
     q, k = query.shape[2], key.shape[2]
+    observers = _observers()
+    if query.shape[0] != 1 and (q != 1 or observers):
+        # batched rows only for single-token decoding without observers (engine.decode.decode_batch)
+        raise ValueError(f"lookaheadkv runs batch size 1, got a batch of {query.shape[0]}")
     if sliding_window is not None and k > sliding_window:
         raise NotImplementedError(
             f"layer {module.layer_idx} uses sliding-window attention ({sliding_window} tokens) and the sequence "
             f"has {k}; sliding-window layers are not supported: use a model or config without them"
         )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    observers = _observers()
     takers = [o for o in observers if getattr(o, "takes_probs", lambda q, k: False)(q, k)]
     if takers and len(takers) == len(observers):
         for observe in takers:

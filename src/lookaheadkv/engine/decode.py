@@ -83,3 +83,63 @@ def decode(
             )
             logits = out.logits[0, -1]
     return tokens
+
+
+@torch.no_grad()
+def decode_batch(
+    model: torch.nn.Module,
+    caches: list[DynamicCache],
+    first_logits: torch.Tensor,
+    position: int,
+    max_new_tokens: int,
+    *,
+    eos_token_ids: Iterable[int] = (),
+) -> list[list[int]]:
+    """Greedy decoding of several compressed caches of ONE prompt at once.
+
+    Each cache continues the same prompt (so the same ``first_logits`` and ``position``) after
+    a different eviction; all must hold the same number of entries in each layer (the
+    evaluation runner groups them so). Their layers are stacked along the batch dimension
+    and decoded together: the model's weights are read once per step for all of them, which
+    is what makes an evaluation of many methods x budgets affordable on a CPU. Row ``i``
+    stops at its own EOS exactly as :func:`decode` would; the loop ends when every row has.
+    Greedy only. The caches are left untouched. The result equals running :func:`decode`
+    on each cache up to floating-point summation order in the batched matmuls (tested).
+    """
+    if not caches:
+        return []
+    layer_lengths = [[layer.keys.shape[-2] for layer in c.layers] for c in caches]
+    if any(ls != layer_lengths[0] for ls in layer_lengths):
+        raise ValueError("decode_batch needs caches with the same number of entries in each layer")
+    from .cache import from_tensors
+
+    stacked = from_tensors(
+        [
+            (torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]))
+            for i in range(len(caches[0].layers))
+        ]
+    )
+    eos = set(eos_token_ids)
+    batch = len(caches)
+    first = int(first_logits.argmax())
+    tokens = [[first] for _ in range(batch)]
+    done = [first in eos or max_new_tokens <= 1 for _ in range(batch)]
+    device = model.device
+    with hooked(model, ()):
+        for step in range(max_new_tokens - 1):
+            if all(done):
+                break
+            last = torch.tensor([[t[-1]] for t in tokens], device=device)
+            out = model(
+                input_ids=last,
+                position_ids=torch.full((batch, 1), position + step, device=device),
+                cache=stacked,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            picks = out.logits[:, -1].argmax(-1).tolist()
+            for i, token in enumerate(picks):
+                if not done[i]:
+                    tokens[i].append(int(token))
+                    done[i] = token in eos or len(tokens[i]) >= max_new_tokens
+    return tokens

@@ -3,8 +3,10 @@
 Per sample the runner prefills the prompt ONCE, with every method's observer in that
 one pass; it then decodes the full-cache answer (the reference for fidelity), derives
 the true importance of each prompt token from that answer (for attention recall, and
-the Oracle's scores), and for each method and budget scores, evicts a copy of the
-cache and decodes. Every finished (sample, method, budget) is appended to
+the Oracle's scores), and for each method and budget scores and selects what to keep;
+the evictions that leave equal numbers of entries per layer (every uniform-budget method
+at one budget) are then decoded together as one batch (``decode_batch``), the others one
+by one. Every finished (sample, method, budget) is appended to
 ``results.jsonl`` at once, so a killed run resumes where it stopped and recomputes
 nothing finished.
 """
@@ -21,7 +23,7 @@ from typing import Callable
 import torch
 
 from ..engine.cache import crop
-from ..engine.decode import decode
+from ..engine.decode import decode, decode_batch
 from ..engine.evict import evict, select
 from ..engine.generate import eos_ids
 from ..engine.prefill import prefill
@@ -43,6 +45,7 @@ class EvalConfig:
     methods: list[str]
     budgets: list[int]
     method_options: dict[str, dict] = field(default_factory=dict)  # e.g. {"lookahead": {"modules": PATH}}
+    batch_decode: bool = True  # decode evictions with equal per-layer sizes together (engine.decode.decode_batch)
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in REGISTRY]
@@ -125,6 +128,7 @@ class Runner:
         answer = [t for t in full_row["tokens"] if t not in self.eos] or full_row["tokens"][:1]
         truth = ground_truth(model, state, answer)  # (layers, heads, L)
         scores_cache: dict[str, list] = {}
+        pending = []  # (method, budget, kept, scoring seconds), decoded below in groups
         for method, budget in todo:
             if method == FULL:
                 continue
@@ -138,19 +142,46 @@ class Runner:
                 else:
                     scores = policy.scores(model, state, observers[method])
                     scores_cache[method] = scores
-                if scores is None:
-                    kept, cache = None, state.cache
-                else:
-                    kept = select(scores, policy.layer_budgets(len(scores), state.length))
-                    cache = evict(state.cache, kept)
-                tokens = decode(model, cache, state.logits, state.length, sample.max_new_tokens, eos_token_ids=self.eos)
-                if cache is state.cache:
-                    crop(state.cache, state.length)
-                row = self.row(sample, method, budget, tokens, kept, truth, time.perf_counter() - start, reference)
+                kept = None if scores is None else select(scores, policy.layer_budgets(len(scores), state.length))
+                pending.append((method, budget, kept, time.perf_counter() - start))
             except Exception as err:  # a failing method must not stop the run
-                row = {**self.base(sample, method, budget), "error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=3)}
-            self.append(row)
-            yield row
+                yield self.failed(sample, method, budget, err)
+        # Greedy decoding of every eviction of this prompt. Evictions that leave the same number
+        # of entries in each layer are decoded as one batch (decode_batch: the weights are read
+        # once per step for all of them); a row's seconds are its scoring time plus its share of
+        # its batch's decoding time.
+        groups: dict[tuple, list] = {}
+        for item in pending:
+            kept = item[2]
+            key = tuple(k.shape[-1] for k in kept) if kept is not None else ("full",)
+            groups.setdefault(key, []).append(item)
+        for items in groups.values():
+            start = time.perf_counter()
+            try:
+                caches = [state.cache if kept is None else evict(state.cache, kept) for _, _, kept, _ in items]
+                if self.config.batch_decode and len(items) > 1:
+                    outputs = decode_batch(model, caches, state.logits, state.length, sample.max_new_tokens, eos_token_ids=self.eos)
+                else:
+                    outputs = []
+                    for cache in caches:
+                        outputs.append(decode(model, cache, state.logits, state.length, sample.max_new_tokens, eos_token_ids=self.eos))
+                        if cache is state.cache:
+                            crop(state.cache, state.length)
+                del caches
+            except Exception as err:
+                for method, budget, _, _ in items:
+                    yield self.failed(sample, method, budget, err)
+                continue
+            share = (time.perf_counter() - start) / len(items)
+            for (method, budget, kept, seconds), tokens in zip(items, outputs):
+                row = self.row(sample, method, budget, tokens, kept, truth, seconds + share, reference)
+                self.append(row)
+                yield row
+
+    def failed(self, sample: Sample, method: str, budget: int, err: Exception) -> dict:
+        row = {**self.base(sample, method, budget), "error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=3)}
+        self.append(row)
+        return row
 
     def base(self, sample: Sample, method: str, budget: int) -> dict:
         return {"sample_id": sample.id, "task": sample.task, "group": sample.group, "length": sample.target_tokens, "n_tokens": sample.n_tokens, "method": method, "budget": budget}

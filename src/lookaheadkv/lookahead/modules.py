@@ -181,13 +181,18 @@ class LookaheadModules(nn.Module):
                 h.remove()
 
     def _hook(self, key: str):
-        a, b, scaling = self.lora_A[key], self.lora_B[key], self.config.scaling
+        # A^T and the scaled B^T are formed once per applied() block, not once per call
+        # (inside the block, so gradients reach lora_A / lora_B when training)
+        a_t, b_t = self.lora_A[key].T, self.lora_B[key].T * self.config.scaling
 
         def add_lora(module, args, output):
             x = args[0]
-            if x.dtype != a.dtype:
-                return output + ((x.to(a.dtype) @ a.T) @ (b.T * scaling)).to(output.dtype)
-            return output + (x @ a.T) @ (b.T * scaling)
+            if x.dtype != a_t.dtype:
+                return output + ((x.to(a_t.dtype) @ a_t) @ b_t).to(output.dtype)
+            delta = (x @ a_t) @ b_t
+            if not torch.is_grad_enabled():
+                return output.add_(delta)  # inference: no new (tokens x out) tensor per linear
+            return output + delta
 
         return add_lora
 

@@ -124,14 +124,39 @@ def make_suite(
     n_samples: int,
     split: str = "eval",
     seed: int = 0,
+    per_group: bool = False,
 ) -> list[Sample]:
-    """``n_samples`` samples for every (task, length), task-major, in the given orders."""
-    lengths = list(lengths)
+    """``n_samples`` samples for every (task, length), task-major, in the given orders.
+
+    With ``per_group``, ``n_samples`` is per task GROUP and length instead, shared out over
+    the group's tasks among ``tasks`` (the first ones get one more when it does not divide),
+    and the samples come index-major (sample 0 of every task, then sample 1, ...) so that a
+    run stopped part-way has covered every group about equally. Sample ``i`` of a task is
+    the same sample either way (same id), so runs of both kinds resume each other.
+    """
+    tasks, lengths = list(tasks), list(lengths)
+    if not per_group:
+        return [
+            make_sample(task, tokenizer, length, seed, split=split, index=i)
+            for task in tasks
+            for length in lengths
+            for i in range(n_samples)
+        ]
+    members: dict[str, list[str]] = {}
+    for task in tasks:
+        if task not in TASKS:
+            raise KeyError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+        members.setdefault(TASKS[task].group, []).append(task)
+    counts = {}
+    for group_tasks in members.values():
+        for k, task in enumerate(group_tasks):
+            counts[task] = n_samples // len(group_tasks) + (k < n_samples % len(group_tasks))
     return [
         make_sample(task, tokenizer, length, seed, split=split, index=i)
+        for i in range(max(counts.values(), default=0))
         for task in tasks
+        if i < counts[task]
         for length in lengths
-        for i in range(n_samples)
     ]
 
 
