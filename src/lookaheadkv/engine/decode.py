@@ -102,7 +102,8 @@ def decode_batch(
     evaluation runner groups them so). Their layers are stacked along the batch dimension
     and decoded together: the model's weights are read once per step for all of them, which
     is what makes an evaluation of many methods x budgets affordable on a CPU. Row ``i``
-    stops at its own EOS exactly as :func:`decode` would; the loop ends when every row has.
+    stops at its own EOS exactly as :func:`decode` would and then leaves the batch; the loop
+    ends when every row has stopped.
     Greedy only. The caches are left untouched. The result equals running :func:`decode`
     on each cache up to floating-point summation order in the batched matmuls (tested).
     """
@@ -125,21 +126,26 @@ def decode_batch(
     tokens = [[first] for _ in range(batch)]
     done = [first in eos or max_new_tokens <= 1 for _ in range(batch)]
     device = model.device
+    active = list(range(batch))  # rows still decoding, in the stacked cache's order
     with hooked(model, ()):
         for step in range(max_new_tokens - 1):
-            if all(done):
+            still = [j for j, i in enumerate(active) if not done[i]]
+            if not still:
                 break
-            last = torch.tensor([[t[-1]] for t in tokens], device=device)
+            if len(still) < len(active):  # finished rows leave the batch: no step is spent on them
+                keep = torch.tensor(still, device=device)
+                for layer in stacked.layers:
+                    layer.keys, layer.values = layer.keys.index_select(0, keep), layer.values.index_select(0, keep)
+                active = [active[j] for j in still]
+            last = torch.tensor([[tokens[i][-1]] for i in active], device=device)
             out = model(
                 input_ids=last,
-                position_ids=torch.full((batch, 1), position + step, device=device),
+                position_ids=torch.full((len(active), 1), position + step, device=device),
                 cache=stacked,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            picks = out.logits[:, -1].argmax(-1).tolist()
-            for i, token in enumerate(picks):
-                if not done[i]:
-                    tokens[i].append(int(token))
-                    done[i] = token in eos or len(tokens[i]) >= max_new_tokens
+            for i, token in zip(active, out.logits[:, -1].argmax(-1).tolist()):
+                tokens[i].append(int(token))
+                done[i] = token in eos or len(tokens[i]) >= max_new_tokens
     return tokens
