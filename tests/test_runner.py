@@ -117,6 +117,12 @@ def test_summary_marks_uninformative_groups_and_pairs_with_snapkv(tmp_path):
     assert report.plot(summary, tmp_path / "p.png").stat().st_size > 0
 
 
+def test_terminal_table_marks_uninformative_groups(capsys):
+    rows = [{"sample_id": "s0", "group": "g", "method": m, "budget": b, "score": 0.0, "graded": 0.0} for m, b in [("full", 0), ("snapkv", 8)]]
+    report.terminal(report.summarise(rows, n_boot=50))
+    assert "uninformative" in capsys.readouterr().out
+
+
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="unknown method"):
         EvalConfig(["full", "nope"], [64])

@@ -140,7 +140,7 @@ def terminal(summary: dict, metric: str = "score") -> None:
     budgets = sorted({b for _, m, b in summary if m != "full"})
     for group in sorted({g for g, _, _ in summary}):
         entries = {(m, b): e for (g, m, b), e in summary.items() if g == group}
-        flag = " [uninformative]" if next(iter(entries.values())).get("uninformative") else ""
+        flag = " (uninformative: the full cache scores below 30%)" if next(iter(entries.values())).get("uninformative") else ""  # not [..]: rich markup
         table = Table(title=f"{group}: {METRICS[metric]} (%), mean [95% CI]{flag}")
         table.add_column("method")
         for b in budgets:
