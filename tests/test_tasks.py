@@ -215,8 +215,9 @@ def test_per_group_suite_shares_samples_over_a_groups_tasks(smollm2_tokenizer):
     per_task = {t: [s for s in suite if s.task == t] for t in tasks}
     assert [len(per_task[t]) for t in tasks] == [2, 2, 1, 5]
     assert sum(s.group == "niah" for s in suite) == 5 and sum(s.group == "tracking" for s in suite) == 5
-    # index-major: the first samples cover every task before any task's second one
-    assert [s.task for s in suite[:4]] == tasks
+    # group-interleaved: any even-length prefix holds as many niah as tracking samples, niah's tasks in turn
+    assert [s.task for s in suite[:6]] == [tasks[0], tasks[3], tasks[1], tasks[3], tasks[2], tasks[3]]
+    assert all(sum(s.group == "niah" for s in suite[:n]) == n // 2 for n in range(0, 11, 2))
     # the same sample as the task-major suite's sample i (same id, same prompt): runs resume each other
     plain = make_suite(smollm2_tokenizer, ["niah_single_word"], [256], 2, split="eval", seed=0)
     assert [(s.id, s.prompt_ids) for s in per_task["niah_single_word"]] == [(s.id, s.prompt_ids) for s in plain]

@@ -332,7 +332,7 @@ def evaluate(
     tasks: str = typer.Option("all", help="Task names or groups (niah, multi_niah, tracking, aggregation, qa), or all."),
     lengths: str = typer.Option("2048", help="Prompt lengths in tokens."),
     samples: int = typer.Option(5, min=1, help="Samples per task and length (per task group with --per-group)."),
-    per_group: bool = typer.Option(False, "--per-group", help="--samples counts per task group, shared over its tasks, index-major (a partial run covers every group)."),
+    per_group: bool = typer.Option(False, "--per-group", help="--samples counts per task group, shared over its tasks, groups interleaved (a partial run covers every group equally)."),
     seed: int = typer.Option(0),
     modules: Optional[str] = typer.Option(None, help="LookaheadKV modules (default: shipped ones for the bundled model)."),
     draft: Optional[str] = typer.Option(None, help="SpecKV draft model (default: the target itself)."),

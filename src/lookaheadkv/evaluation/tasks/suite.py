@@ -130,8 +130,9 @@ def make_suite(
 
     With ``per_group``, ``n_samples`` is per task GROUP and length instead, shared out over
     the group's tasks among ``tasks`` (the first ones get one more when it does not divide),
-    and the samples come index-major (sample 0 of every task, then sample 1, ...) so that a
-    run stopped part-way has covered every group about equally. Sample ``i`` of a task is
+    and the samples come group-interleaved (the r-th sample of every group, the group's tasks
+    in turn, before the (r+1)-th of any) so that a run stopped part-way holds about as many
+    samples of every group. Sample ``i`` of a task is
     the same sample either way (same id), so runs of both kinds resume each other.
     """
     tasks, lengths = list(tasks), list(lengths)
@@ -147,15 +148,16 @@ def make_suite(
         if task not in TASKS:
             raise KeyError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
         members.setdefault(TASKS[task].group, []).append(task)
-    counts = {}
-    for group_tasks in members.values():
+    # the r-th sample of every group comes before the (r+1)-th of any: r = i * (tasks in the group) + k
+    order = []
+    for g, group_tasks in enumerate(members.values()):
+        m = len(group_tasks)
         for k, task in enumerate(group_tasks):
-            counts[task] = n_samples // len(group_tasks) + (k < n_samples % len(group_tasks))
+            count = n_samples // m + (k < n_samples % m)
+            order += [(i * m + k, g, task, i) for i in range(count)]
     return [
         make_sample(task, tokenizer, length, seed, split=split, index=i)
-        for i in range(max(counts.values(), default=0))
-        for task in tasks
-        if i < counts[task]
+        for _, _, task, i in sorted(order)
         for length in lengths
     ]
 
