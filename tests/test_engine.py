@@ -476,6 +476,23 @@ def test_decode_batch_equals_decoding_each_cache(arch):
     assert all(torch.equal(b, c.layers[0].keys) for b, c in zip(before, caches))  # caches untouched
 
 
+def test_decode_batch_equals_decoding_each_cache_on_smollm2(smol_reference):
+    """The same on the real model the evaluation runs, with its trained modules among the methods."""
+    from lookaheadkv.engine.cache import copy_cache
+    from lookaheadkv.engine.decode import decode_batch
+
+    model, tokenizer, ids, _ = smol_reference
+    caches, state = [], None
+    for name in ["snapkv", "tova", "streamingllm", "lookahead", "h2o"]:
+        policy = make_policy(name, budget=48)
+        state, observer = run_prefill(model, ids, policy)
+        caches.append(compress(model, state, policy, observer).cache)
+    eos = eos_ids(model, tokenizer)
+    singles = [decode(model, copy_cache(c), state.logits, state.length, 24, eos_token_ids=eos) for c in caches]
+    assert len({tuple(s) for s in singles}) > 1
+    assert decode_batch(model, caches, state.logits, state.length, 24, eos_token_ids=eos) == singles
+
+
 def test_decode_batch_rejects_caches_of_different_sizes():
     from lookaheadkv.engine.decode import decode_batch
 
