@@ -493,14 +493,39 @@ def test_decode_batch_equals_decoding_each_cache_on_smollm2(smol_reference):
     assert decode_batch(model, caches, state.logits, state.length, 24, eos_token_ids=eos) == singles
 
 
-def test_decode_batch_rejects_caches_of_different_sizes():
+def test_decode_batch_pads_caches_of_different_sizes():
+    """Other budgets and PyramidKV's per-layer sizes in one batch: padded, masked, same tokens."""
+    from lookaheadkv.engine.cache import copy_cache, lengths
     from lookaheadkv.engine.decode import decode_batch
 
-    model = tiny_model("llama")
-    ids = random_ids(60, seed=1)
+    model = tiny_model("qwen2", seed=2)
+    ids = random_ids(140, seed=4)
     caches = []
-    for budget in (8, 16):
-        state, observer = run_prefill(model, ids, SnapKV(budget=budget))
-        caches.append(compress(model, state, SnapKV(budget=budget), observer).cache)
-    with pytest.raises(ValueError, match="same number of entries"):
-        decode_batch(model, caches, state.logits, state.length, 4)
+    for policy in [SnapKV(budget=8), SnapKV(budget=40), PyramidKV(budget=48), make_policy("tova", budget=24)]:
+        state, observer = run_prefill(model, ids, policy)
+        caches.append(compress(model, state, policy, observer).cache)
+    assert len({tuple(lengths(c)) for c in caches}) == 4 and len(set(lengths(caches[2]))) > 1  # really ragged
+    singles = [decode(model, copy_cache(c), state.logits, state.length, NEW_TOKENS) for c in caches]
+    eos = singles[1][5]  # one row stops early: its padding mask must leave with it
+    expected = [s[: s.index(eos) + 1] if eos in s else s for s in singles]
+    assert decode_batch(model, caches, state.logits, state.length, NEW_TOKENS, eos_token_ids=[eos]) == expected
+    # without the mask the padded zeros would be attended to: the control must differ
+    from lookaheadkv.engine import attention
+
+    original = attention._attention
+
+    def unmasked(module, query, key, value, *args, **kwargs):
+        saved = attention._state.padding
+        attention._state.padding = None
+        try:
+            return original(module, query, key, value, *args, **kwargs)
+        finally:
+            attention._state.padding = saved
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(attention.ATTN_NAME, unmasked)
+    try:
+        assert decode_batch(model, caches, state.logits, state.length, NEW_TOKENS, eos_token_ids=[eos]) != expected
+    finally:
+        AttentionInterface.register(attention.ATTN_NAME, original)

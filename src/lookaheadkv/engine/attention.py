@@ -101,11 +101,18 @@ def _attention(module, query, key, value, attention_mask=None, dropout=0.0, scal
         return _explicit(query, key, value, scaling, takers), None
     for observe in observers:
         observe(module.layer_idx, query, key, scaling)
+    mask = None if q == k else tail_causal_mask(q, k, query.device)
+    padding = getattr(_state, "padding", None)
+    if padding is not None:  # decode_batch over ragged caches: (batch, 1, 1, k) real entries
+        mask = padding[module.layer_idx]
+        if mask.shape[-1] < k:  # the entries appended since (the new tokens) are real
+            mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], k - mask.shape[-1])], dim=-1)
+            padding[module.layer_idx] = mask
     out = F.scaled_dot_product_attention(
         query,
         key,
         value,
-        attn_mask=None if q == k else tail_causal_mask(q, k, query.device),
+        attn_mask=mask,
         is_causal=q == k and q > 1,
         scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
@@ -117,15 +124,20 @@ AttentionInterface.register(ATTN_NAME, _attention)
 
 
 @contextmanager
-def hooked(model: torch.nn.Module, observers: Sequence[Observer | None] = ()) -> Iterator[None]:
-    """Run ``model`` through the engine's attention, calling ``observers`` in every layer."""
+def hooked(model: torch.nn.Module, observers: Sequence[Observer | None] = (), padding: list[torch.Tensor] | None = None) -> Iterator[None]:
+    """Run ``model`` through the engine's attention, calling ``observers`` in every layer.
+
+    ``padding`` (decode_batch only): per layer a (batch, 1, 1, k) boolean mask of the real
+    cache entries of each row; entries appended later count as real.
+    """
     config = model.config
     previous_impl = config._attn_implementation
-    previous_observers = _observers()
+    previous_observers, previous_padding = _observers(), getattr(_state, "padding", None)
     config._attn_implementation = ATTN_NAME
     _state.observers = tuple(o for o in observers if o is not None)
+    _state.padding = padding
     try:
         yield
     finally:
         config._attn_implementation = previous_impl
-        _state.observers = previous_observers
+        _state.observers, _state.padding = previous_observers, previous_padding

@@ -98,28 +98,36 @@ def decode_batch(
     """Greedy decoding of several compressed caches of ONE prompt at once.
 
     Each cache continues the same prompt (so the same ``first_logits`` and ``position``) after
-    a different eviction; all must hold the same number of entries in each layer (the
-    evaluation runner groups them so). Their layers are stacked along the batch dimension
-    and decoded together: the model's weights are read once per step for all of them, which
-    is what makes an evaluation of many methods x budgets affordable on a CPU. Row ``i``
-    stops at its own EOS exactly as :func:`decode` would and then leaves the batch; the loop
-    ends when every row has stopped.
-    Greedy only. The caches are left untouched. The result equals running :func:`decode`
-    on each cache up to floating-point summation order in the batched matmuls (tested).
+    a different eviction. Their layers are stacked along the batch dimension and decoded
+    together: the model's weights are read once per step for all of them, which is what makes
+    an evaluation of many methods x budgets affordable on a CPU. Caches whose layers hold
+    different numbers of entries (other budgets, PyramidKV's per-layer budgets) are padded
+    to the longest in each layer and the padding is masked out of every step's attention.
+    Row ``i`` stops at its own EOS exactly as :func:`decode` would and then leaves the batch;
+    the loop ends when every row has stopped. Greedy only. The caches are left untouched.
+    The result equals running :func:`decode` on each cache up to floating-point summation
+    order in the batched matmuls (tested).
     """
     if not caches:
         return []
-    layer_lengths = [[layer.keys.shape[-2] for layer in c.layers] for c in caches]
-    if any(ls != layer_lengths[0] for ls in layer_lengths):
-        raise ValueError("decode_batch needs caches with the same number of entries in each layer")
     from .cache import from_tensors
 
-    stacked = from_tensors(
-        [
-            (torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]))
-            for i in range(len(caches[0].layers))
-        ]
-    )
+    n_layers = len(caches[0].layers)
+    if any(len(c.layers) != n_layers for c in caches):
+        raise ValueError("decode_batch needs caches of the same model (same number of layers)")
+    lengths = torch.tensor([[layer.keys.shape[-2] for layer in c.layers] for c in caches])  # (batch, layers)
+    ragged = bool((lengths != lengths[0]).any())
+    kv, padding = [], []
+    for i in range(n_layers):
+        longest = int(lengths[:, i].max())
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[-2]))
+
+        kv.append((torch.cat([padded(c.layers[i].keys) for c in caches]), torch.cat([padded(c.layers[i].values) for c in caches])))
+        if ragged:  # (batch, 1, 1, longest): True where a row has a real entry
+            padding.append((torch.arange(longest)[None, :] < lengths[:, i, None])[:, None, None, :].to(kv[-1][0].device))
+    stacked = from_tensors(kv)
     eos = set(eos_token_ids)
     batch = len(caches)
     first = int(first_logits.argmax())
@@ -127,7 +135,7 @@ def decode_batch(
     done = [first in eos or max_new_tokens <= 1 for _ in range(batch)]
     device = model.device
     active = list(range(batch))  # rows still decoding, in the stacked cache's order
-    with hooked(model, ()):
+    with hooked(model, (), padding=padding or None):
         for step in range(max_new_tokens - 1):
             still = [j for j, i in enumerate(active) if not done[i]]
             if not still:
@@ -136,6 +144,7 @@ def decode_batch(
                 keep = torch.tensor(still, device=device)
                 for layer in stacked.layers:
                     layer.keys, layer.values = layer.keys.index_select(0, keep), layer.values.index_select(0, keep)
+                padding[:] = [m.index_select(0, keep) for m in padding]
                 active = [active[j] for j in still]
             last = torch.tensor([[tokens[i][-1]] for i in active], device=device)
             out = model(

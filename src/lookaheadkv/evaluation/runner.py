@@ -4,9 +4,8 @@ Per sample the runner prefills the prompt ONCE, with every method's observer in 
 one pass; it then decodes the full-cache answer (the reference for fidelity), derives
 the true importance of each prompt token from that answer (for attention recall, and
 the Oracle's scores), and for each method and budget scores and selects what to keep;
-the evictions that leave equal numbers of entries per layer (every uniform-budget method
-at one budget) are then decoded together as one batch (``decode_batch``), the others one
-by one. Every finished (sample, method, budget) is appended to
+the evictions at one budget are then decoded together as one batch (``decode_batch``).
+Every finished (sample, method, budget) is appended to
 ``results.jsonl`` at once, so a killed run resumes where it stopped and recomputes
 nothing finished.
 """
@@ -146,15 +145,13 @@ class Runner:
                 pending.append((method, budget, kept, time.perf_counter() - start))
             except Exception as err:  # a failing method must not stop the run
                 yield self.failed(sample, method, budget, err)
-        # Greedy decoding of every eviction of this prompt. Evictions that leave the same number
-        # of entries in each layer are decoded as one batch (decode_batch: the weights are read
-        # once per step for all of them); a row's seconds are its scoring time plus its share of
-        # its batch's decoding time.
-        groups: dict[tuple, list] = {}
+        # Greedy decoding of every eviction of this prompt, one batch per budget (decode_batch:
+        # the weights are read once per step for all of them; PyramidKV's per-layer sizes are
+        # padded and masked); a row's seconds are its scoring time plus its share of its batch's
+        # decoding time. Rows that kept everything (budget >= prompt) share the full cache.
+        groups: dict[object, list] = {}
         for item in pending:
-            kept = item[2]
-            key = tuple(k.shape[-1] for k in kept) if kept is not None else ("full",)
-            groups.setdefault(key, []).append(item)
+            groups.setdefault(item[1] if item[2] is not None else "full", []).append(item)
         for items in groups.values():
             start = time.perf_counter()
             try:
