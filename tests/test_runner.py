@@ -139,3 +139,19 @@ def test_batched_decoding_gives_the_rows_of_one_by_one_decoding(setup, tmp_path)
     assert not any("error" in r for r in batched)
     assert len({r["prediction"] for r in batched}) > 1
     assert stable(batched) == stable(one_by_one)
+
+
+def test_summary_pools_the_informative_groups():
+    rows = []
+    for group, full_score in [("a", 1.0), ("b", 1.0), ("c", 0.0)]:
+        for i in range(4):
+            sid = f"{group}{i}"
+            rows.append({"sample_id": sid, "group": group, "method": "full", "budget": 0, "score": full_score, "graded": full_score})
+            rows.append({"sample_id": sid, "group": group, "method": "snapkv", "budget": 8, "score": float(group == "a"), "graded": 0.0})
+    summary = report.summarise(rows, n_boot=50)
+    pooled = summary[(report.POOLED, "snapkv", 8)]
+    assert pooled["n"] == 8  # groups a and b, not the uninformative c
+    assert pooled["score"][0] == pytest.approx(0.5)
+    assert not pooled["uninformative"]
+    assert report.markdown(summary).index(report.POOLED) < report.markdown(summary).index("**a**")
+    assert (report.POOLED, "snapkv", 8) not in report.summarise(rows, n_boot=50, pooled=False)

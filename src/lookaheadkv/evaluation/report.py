@@ -11,13 +11,35 @@ METRICS = {"score": "task score", "graded": "graded score", "fidelity_f1": "fide
 UNINFORMATIVE = 0.30  # groups where the full cache itself scores below this are marked
 
 
+def _groups(summary: dict) -> list[str]:
+    """Task groups in name order, the pooled one first."""
+    groups = sorted({g for g, _, _ in summary})
+    return [g for g in groups if g == POOLED] + [g for g in groups if g != POOLED]
+
+
 def _order(methods):
     first = ["full", "oracle", "lookahead", "snapkv"]
     return [m for m in first if m in methods] + sorted(m for m in methods if m not in first)
 
 
-def summarise(rows: list[dict], baseline: str = "snapkv", n_boot: int = 1000) -> dict:
-    """Per (group, method, budget): n, errors, and (mean, lo, hi) of every metric, plus the paired diff to ``baseline``."""
+POOLED = "all informative groups"
+
+
+def summarise(rows: list[dict], baseline: str = "snapkv", n_boot: int = 1000, pooled: bool = True) -> dict:
+    """Per (group, method, budget): n, errors, and (mean, lo, hi) of every metric, plus the paired diff to ``baseline``.
+
+    With ``pooled`` and more than one informative group, the samples of every informative
+    group (full cache at or above 30%) are also summarised together as :data:`POOLED`, the
+    one-number comparison across tasks (each sample counts once).
+    """
+    if pooled:
+        full_scores: dict[str, list[float]] = defaultdict(list)
+        for r in rows:
+            if r["method"] == "full" and "error" not in r:
+                full_scores[r["group"]].append(r["score"])
+        informative = {g for g, v in full_scores.items() if sum(v) / len(v) >= UNINFORMATIVE}
+        if len(informative) > 1:
+            rows = list(rows) + [{**r, "group": POOLED} for r in rows if r["group"] in informative]
     by_key: dict[tuple, dict[str, float]] = defaultdict(dict)  # (group, method, budget) -> sample -> row
     errors: dict[tuple, int] = defaultdict(int)
     for r in rows:
@@ -61,7 +83,7 @@ def _cell(triple) -> str:
 
 def markdown(summary: dict, metric: str = "score", baseline: str = "snapkv") -> str:
     """One table per group: methods as rows, budgets as columns, mean [95% CI] in percent."""
-    groups = sorted({g for g, _, _ in summary})
+    groups = _groups(summary)
     budgets = sorted({b for _, m, b in summary if m != "full"})
     lines = []
     for group in groups:
@@ -101,7 +123,7 @@ def plot(summary: dict, path: str | Path, metric: str = "score") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({g for g, _, _ in summary})
+    groups = _groups(summary)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
     for ax, group in zip(axes[0], groups):
         entries = {(m, b): e for (g, m, b), e in summary.items() if g == group and metric in e}
@@ -138,7 +160,7 @@ def terminal(summary: dict, metric: str = "score") -> None:
 
     console = Console()
     budgets = sorted({b for _, m, b in summary if m != "full"})
-    for group in sorted({g for g, _, _ in summary}):
+    for group in _groups(summary):
         entries = {(m, b): e for (g, m, b), e in summary.items() if g == group}
         flag = " (uninformative: the full cache scores below 30%)" if next(iter(entries.values())).get("uninformative") else ""  # not [..]: rich markup
         table = Table(title=f"{group}: {METRICS[metric]} (%), mean [95% CI]{flag}")
