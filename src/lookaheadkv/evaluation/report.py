@@ -124,8 +124,12 @@ def plot(summary: dict, path: str | Path, metric: str = "score") -> Path:
     import matplotlib.pyplot as plt
 
     groups = _groups(summary)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    for ax, group in zip(axes[0], groups):
+    cols = min(3, len(groups))
+    rows_ = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.6 * rows_), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
+    for ax, group in zip(axes.flat, groups):
         entries = {(m, b): e for (g, m, b), e in summary.items() if g == group and metric in e}
         budgets = sorted({b for m, b in entries if m != "full"})
         for m in _order({m for m, _ in entries}):
@@ -145,7 +149,7 @@ def plot(summary: dict, path: str | Path, metric: str = "score") -> Path:
         ax.set_xlabel("KV budget per head")
         ax.set_ylabel(METRICS[metric] + " (%)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    axes.flat[0].legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
