@@ -44,7 +44,7 @@ class EvalConfig:
     methods: list[str]
     budgets: list[int]
     method_options: dict[str, dict] = field(default_factory=dict)  # e.g. {"lookahead": {"modules": PATH}}
-    batch_decode: bool = True  # decode evictions with equal per-layer sizes together (engine.decode.decode_batch)
+    batch_decode: bool = True  # decode each budget's evictions as one batch (engine.decode.decode_batch)
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in REGISTRY]
