@@ -11,8 +11,8 @@ Because the engine runs batch size 1 without padding, the mask is always the cau
 "tail" pattern: the ``q`` new tokens are the last ``q`` of the ``k`` cached ones. We build
 it here instead of letting Hugging Face build one from the cache length, which lets
 layers hold different numbers of entries after eviction (PyramidKV). The one exception to
-batch size 1 is :func:`engine.decode.decode_batch`: single-token steps over equal-sized
-caches stacked along the batch, without observers, where no mask is needed.
+batch size 1 is :func:`engine.decode.decode_batch`: single-token steps over caches stacked
+along the batch, without observers, where the only mask is the padding of ragged caches.
 """
 
 from __future__ import annotations

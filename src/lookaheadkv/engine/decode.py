@@ -120,11 +120,12 @@ def decode_batch(
     kv, padding = [], []
     for i in range(n_layers):
         longest = int(lengths[:, i].max())
-
-        def padded(t: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[-2]))
-
-        kv.append((torch.cat([padded(c.layers[i].keys) for c in caches]), torch.cat([padded(c.layers[i].values) for c in caches])))
+        kv.append(
+            tuple(
+                torch.cat([torch.nn.functional.pad(getattr(c.layers[i], part), (0, 0, 0, longest - int(n))) for c, n in zip(caches, lengths[:, i])])
+                for part in ("keys", "values")
+            )
+        )
         if ragged:  # (batch, 1, 1, longest): True where a row has a real entry
             padding.append((torch.arange(longest)[None, :] < lengths[:, i, None])[:, None, None, :].to(kv[-1][0].device))
     stacked = from_tensors(kv)

@@ -132,8 +132,8 @@ def make_suite(
     the group's tasks among ``tasks`` (the first ones get one more when it does not divide),
     and the samples come group-interleaved (the r-th sample of every group, the group's tasks
     in turn, before the (r+1)-th of any) so that a run stopped part-way holds about as many
-    samples of every group. Sample ``i`` of a task is
-    the same sample either way (same id), so runs of both kinds resume each other.
+    samples of every group. Sample ``i`` of a task is the same sample either way (same id),
+    so runs of both kinds resume each other.
     """
     tasks, lengths = list(tasks), list(lengths)
     if not per_group:
