@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -155,3 +156,18 @@ def test_summary_pools_the_informative_groups():
     assert not pooled["uninformative"]
     assert report.markdown(summary).index(report.POOLED) < report.markdown(summary).index("**a**")
     assert (report.POOLED, "snapkv", 8) not in report.summarise(rows, n_boot=50, pooled=False)
+
+
+def test_summary_does_not_depend_on_the_order_of_the_rows():
+    # a resumed run appends samples in another order than an uninterrupted one; the report must not move
+    rng = random.Random(0)
+    rows = []
+    for group in ["a", "b"]:
+        for i in range(12):
+            sid = f"{group}{i}"
+            rows.append({"sample_id": sid, "group": group, "method": "full", "budget": 0, "score": 1.0})
+            for method in ["snapkv", "lookahead"]:
+                rows.append({"sample_id": sid, "group": group, "method": method, "budget": 8, "score": float(rng.random() < 0.5)})
+    shuffled = rows[:]
+    rng.shuffle(shuffled)
+    assert report.summarise(shuffled, n_boot=200) == report.summarise(rows, n_boot=200)

@@ -9,6 +9,7 @@ from .metrics import bootstrap_ci, paired_bootstrap_diff
 
 METRICS = {"score": "task score", "graded": "graded score", "fidelity_f1": "fidelity F1 to full cache", "recall": "attention recall"}
 UNINFORMATIVE = 0.30  # groups where the full cache itself scores below this are marked
+POOLED = "all informative groups"
 
 
 def _groups(summary: dict) -> list[str]:
@@ -22,9 +23,6 @@ def _order(methods):
     return [m for m in first if m in methods] + sorted(m for m in methods if m not in first)
 
 
-POOLED = "all informative groups"
-
-
 def summarise(rows: list[dict], baseline: str = "snapkv", n_boot: int = 1000, pooled: bool = True) -> dict:
     """Per (group, method, budget): n, errors, and (mean, lo, hi) of every metric, plus the paired diff to ``baseline``.
 
@@ -32,15 +30,7 @@ def summarise(rows: list[dict], baseline: str = "snapkv", n_boot: int = 1000, po
     group (full cache at or above 30%) are also summarised together as :data:`POOLED`, the
     one-number comparison across tasks (each sample counts once).
     """
-    if pooled:
-        full_scores: dict[str, list[float]] = defaultdict(list)
-        for r in rows:
-            if r["method"] == "full" and "error" not in r:
-                full_scores[r["group"]].append(r["score"])
-        informative = {g for g, v in full_scores.items() if sum(v) / len(v) >= UNINFORMATIVE}
-        if len(informative) > 1:
-            rows = list(rows) + [{**r, "group": POOLED} for r in rows if r["group"] in informative]
-    by_key: dict[tuple, dict[str, float]] = defaultdict(dict)  # (group, method, budget) -> sample -> row
+    by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)  # (group, method, budget) -> sample -> row
     errors: dict[tuple, int] = defaultdict(int)
     for r in rows:
         key = (r["group"], r["method"], r["budget"])
@@ -48,14 +38,24 @@ def summarise(rows: list[dict], baseline: str = "snapkv", n_boot: int = 1000, po
             errors[key] += 1
         else:
             by_key[key][r["sample_id"]] = r
-    full = {g: by_key[(g, m, b)] for (g, m, b) in by_key if m == "full"}
+    full_mean = {g: sum(s["score"] for s in samples.values()) / len(samples) for (g, m, _), samples in by_key.items() if m == "full"}
+    informative = {g for g, mean in full_mean.items() if mean >= UNINFORMATIVE}
+    if pooled and len(informative) > 1:  # sample ids name their task, so they stay distinct when pooled
+        for (g, m, b), samples in list(by_key.items()):
+            if g in informative:
+                by_key[(POOLED, m, b)].update(samples)
+        for (g, m, b), count in list(errors.items()):
+            if g in informative:
+                errors[(POOLED, m, b)] += count
+        pooled_full = [s["score"] for (g, m, _), samples in by_key.items() if g == POOLED and m == "full" for s in samples.values()]
+        full_mean[POOLED] = sum(pooled_full) / len(pooled_full)
     out = {}
     for key in sorted(set(by_key) | set(errors), key=str):
         samples = by_key.get(key, {})
         group, method, budget = key
         entry = {"n": len(samples), "errors": errors.get(key, 0)}
         for metric in METRICS:
-            values = [s[metric] for s in samples.values() if metric in s]
+            values = [samples[i][metric] for i in sorted(samples) if metric in samples[i]]  # file order must not move the CI
             if values:
                 entry[metric] = bootstrap_ci(values, n_boot=n_boot)
         base = by_key.get((group, baseline, budget))
@@ -66,11 +66,9 @@ def summarise(rows: list[dict], baseline: str = "snapkv", n_boot: int = 1000, po
                     [samples[i]["score"] for i in common], [base[i]["score"] for i in common], n_boot=n_boot
                 )
         out[key] = entry
-    for group, samples in full.items():
-        mean = sum(s["score"] for s in samples.values()) / len(samples)
-        for key in out:
-            if key[0] == group:
-                out[key]["uninformative"] = mean < UNINFORMATIVE
+    for key, entry in out.items():
+        if key[0] in full_mean:
+            entry["uninformative"] = full_mean[key[0]] < UNINFORMATIVE
     return out
 
 
