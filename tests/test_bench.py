@@ -16,7 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import single_thread  # noqa: F401  (autouse fixture)
+import torch
+
 from lookaheadkv.bench import METHODS, PLAIN, bench_model, make_method, measure, memory, ratios
+from lookaheadkv.bench.common import prompt_ids
 from lookaheadkv.cli import app
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -43,9 +46,36 @@ def test_cost_measures_every_method_at_every_length():
         assert row.ttft_ms > 0 and row.prefill_ms > 0
         if row.method == PLAIN:
             assert row.isolated_ms is None and row.added_ms == 0
+        elif row.method == "lookahead":  # a difference of two timed forwards (with and without its tokens)
+            assert row.isolated_ms is not None and row.separate_ms > 0
         else:
-            assert row.isolated_ms > 0 and row.share_pct > 0
+            assert row.isolated_ms > 0 and row.share_pct > 0 and row.separate_ms is None
     assert set(ratios(rows)) == {64, 128}
+
+
+def test_last_chunk_reproduces_the_prefill_with_and_without_the_tail():
+    from lookaheadkv.bench.common import Clock, LastChunk, tail_work
+    from lookaheadkv.engine.prefill import prefill
+
+    model, tokenizer = bench_model("tiny")
+    ids = prompt_ids(model, tokenizer, 200)
+    policy = make_method("lookahead", model, 16)
+    tail = policy.tail(model)
+    whole, fused = prefill(model, ids), prefill(model, ids, tail=policy.tail(model))
+    last = LastChunk(model, ids, size=64)
+    assert last.head.length == 136
+    for run, reference in ((last.run(model), whole), (last.run(model, tail), fused)):
+        assert run.length == 200
+        for a, b in zip(run.cache.layers, reference.cache.layers):
+            torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
+            torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(run.logits, reference.logits, atol=1e-4, rtol=0)
+    chunked = last.run(model, tail).tail_mass
+    assert len(chunked) == model.config.num_hidden_layers
+    for a, b in zip(chunked, fused.tail_mass):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert isinstance(tail_work(model, last, policy, Clock(), rep=1), float)
+    assert last.head.cache.layers[0].keys.shape[2] == 136  # the head's cache is reused, never extended
 
 
 def test_bench_command_writes_results_table_and_plot(tmp_path):
@@ -60,6 +90,25 @@ def test_bench_command_writes_results_table_and_plot(tmp_path):
     table = (out / "table.md").read_text()
     assert "| laq | 128 |" in table and "LAQ added / LookaheadKV added" in table
     assert (out / "cost.png").read_bytes()[:4] == b"\x89PNG"
+    # --report-only rebuilds the same table from results.json without timing anything
+    (out / "table.md").unlink()
+    again = CliRunner().invoke(app, ["bench", "--report-only", "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert (out / "table.md").read_text() == table
+    missing = CliRunner().invoke(app, ["bench", "--report-only", "--out", str(tmp_path / "nothing")])
+    assert missing.exit_code != 0 and "run the benchmark into --out first" in missing.output
+
+
+def test_ratios_skip_a_cost_that_is_not_positive():
+    from lookaheadkv.bench.cost import CostRow
+
+    def row(method, isolated, separate=None, added=1.0):
+        return CostRow(method, 4096, 0.0, 0.0, added, isolated, None, separate_ms=separate)
+
+    rows = [row("laq", 1000.0, added=3000.0), row("lookahead", 100.0, 200.0, added=600.0)]
+    assert ratios(rows) == {4096: {"isolated": 10.0, "separate": 5.0, "paired": 5.0}}
+    rows[1] = row("lookahead", -5.0, 250.0, added=-1.0)  # a difference of two timings below their noise
+    assert ratios(rows) == {4096: {"isolated": None, "separate": 4.0, "paired": None}}
 
 
 def test_bench_command_rejects_unknown_methods(tmp_path):

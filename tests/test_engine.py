@@ -213,8 +213,7 @@ def test_evicted_cache_decodes_like_masked_full_cache(arch, kind):
     length = 120
     ids = random_ids(length, seed=8)
     policy = exactness_policy(kind, model)
-    observer = policy.observer()
-    state = prefill(model, ids, [observer])
+    state, observer = run_prefill(model, ids, policy)  # LookaheadKV: its tokens inside the prefill (the default)
     done = compress(model, state, policy, observer)
     lengths = [kv(done.cache, i)[0].shape[2] for i in range(LAYERS)]
     assert lengths == policy.layer_budgets(LAYERS, length)

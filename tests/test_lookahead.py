@@ -3,6 +3,9 @@
 * Bit-identity: scoring with the modules leaves the prompt's K, V and first-token logits exactly
   as a plain prefill makes them, and removes its LoRA hooks; the LoRA does change the lookahead
   tokens' own computation (so the identity is not vacuous).
+* Fused (the lookahead tokens inside the prompt's prefill, the inference default): the same
+  prompt cache and logits as a plain prefill, the same scores as the separate pass and as the
+  eager reference, adapters on the tail only, hooks removed even after an error.
 * Scores: equal to a reference built from ONE eager forward over [prompt ; lookahead embeddings]
   with a LoRA that the test applies only at the lookahead positions.
 * save_pretrained / from_pretrained round trip and every way loading can go wrong.
@@ -26,8 +29,8 @@ from helpers import (  # noqa: F401  (single_thread is an autouse fixture)
     randomize_lora_b,
     single_thread,
 )
-from lookaheadkv.engine.generate import generate_ids
-from lookaheadkv.engine.prefill import extend, prefill
+from lookaheadkv.engine.generate import generate_ids, run_prefill
+from lookaheadkv.engine.prefill import Tail, extend, prefill
 from lookaheadkv.lookahead import LookaheadModules, ModulesError
 from lookaheadkv.models import tiny_model
 from lookaheadkv.policies import LookaheadKV
@@ -102,6 +105,77 @@ def test_smollm2_scoring_leaves_the_prompt_bit_identical(smollm2):
     assert 60 < ids.shape[1] < 200
     modules = make_modules(model, seed=4, n=32)
     check_prompt_untouched(model, ids, modules, full_pipeline=False)
+
+
+def assert_same_prompt(a, b, atol: float = 1e-6) -> None:
+    """Prompt caches and first-token logits equal up to float rounding (a fused prefill's matmuls hold more rows)."""
+    assert len(a.cache.layers) == len(b.cache.layers)
+    for layer in range(len(a.cache.layers)):
+        for x, y in zip(kv(a.cache, layer), kv(b.cache, layer)):
+            assert x.shape == y.shape
+            torch.testing.assert_close(x, y, atol=atol, rtol=0, msg=lambda m: f"layer {layer}: {m}")
+    torch.testing.assert_close(a.logits, b.logits, atol=10 * atol, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_prefill_gives_the_plain_prompt_and_the_separate_scores(arch):
+    model = tiny_model(arch, seed=1)
+    ids = random_ids(90, seed=2)
+    modules = make_modules(model, seed=3)
+    plain = prefill(model, ids)
+    fused = prefill(model, ids, tail=modules.tail(model))
+    assert linear_hook_count(model) == 0
+    assert_same_prompt(fused, plain)  # the tail's own entries are cropped off, the logits are the prompt's last
+    separate = modules.attention_mass(model, plain.cache, 90)
+    assert len(fused.tail_mass) == len(separate) == 4
+    for a, b in zip(fused.tail_mass, separate):
+        assert a.shape == (4, 90)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    # the adapters act on the tail: the same tokens without them (B = 0) give other scores
+    bare = prefill(model, ids, tail=LookaheadModules.for_model(model, seed=3, n_lookahead=N).tail(model))
+    assert max(float((a - b).abs().max()) for a, b in zip(bare.tail_mass, fused.tail_mass)) > 1e-4
+    assert_same_prompt(bare, plain)
+    # the policy: fused by default, and the same selection as the separate pass
+    policy, separate_policy = LookaheadKV(budget=20, modules=modules), LookaheadKV(budget=20, modules=modules, fused=False)
+    assert policy.tail(model) is not None and separate_policy.tail(model) is None
+    state, _ = run_prefill(model, ids, policy)
+    assert state.tail_mass is not None
+    for a, b in zip(policy.scores(model, state, None), separate_policy.scores(model, plain, None)):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+    fused_tokens, _, fused_kept = generate_ids(model, ids, policy, max_new_tokens=5)
+    separate_tokens, _, separate_kept = generate_ids(model, ids, separate_policy, max_new_tokens=5)
+    assert fused_tokens == separate_tokens
+    assert all(torch.equal(a, b) for a, b in zip(fused_kept, separate_kept))
+
+
+def test_smollm2_fused_prefill_gives_the_plain_prompt(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt")["input_ids"]
+    modules = make_modules(model, seed=4, n=32)
+    plain = prefill(model, ids)
+    fused = prefill(model, ids, tail=modules.tail(model))
+    assert_same_prompt(fused, plain, atol=1e-5)
+    for a, b in zip(fused.tail_mass, modules.attention_mass(model, plain.cache, ids.shape[1])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_fused_prefill_cleans_up_after_an_error():
+    model = tiny_model("llama", seed=1)
+    ids = random_ids(30, seed=3)
+    modules = make_modules(model, seed=4)
+
+    class Broken:
+        def take_probs(self, probs, q, k):
+            raise RuntimeError("boom")
+
+    impl = model.config._attn_implementation
+    with pytest.raises(RuntimeError, match="boom"):
+        prefill(model, ids, tail=Tail(modules.tokens[None].detach(), Broken(), lambda: modules.applied(model, last=N)))
+    assert linear_hook_count(model) == 0 and model.config._attn_implementation == impl
+    assert_same_prompt(prefill(model, ids), prefill(model, ids))  # the engine works as before
+    with pytest.raises(RuntimeError, match="inference"):  # adapters on the last rows only: no training through them
+        with modules.applied(model, last=N):
+            model(inputs_embeds=torch.cat([model.get_input_embeddings()(ids), modules.tokens[None]], dim=1))
 
 
 def test_applied_hooks_are_removed_even_after_an_error():
@@ -211,13 +285,19 @@ def test_lookahead_scores_match_an_eager_reference(arch):
         grouped = ref.view(2, 2, length).mean(dim=1)
         torch.testing.assert_close(scores[layer], grouped, atol=1e-5, rtol=0)
 
-    # Hybrid with the last prompt window (SnapKV-style): (lookahead rows + last 8 prompt rows) / (n + 8).
+    # The fused path (lookahead tokens inside the prompt's prefill) against the same reference.
+    fused = prefill(model, ids, tail=modules.tail(model))
+    for layer, ref in enumerate(reference):
+        torch.testing.assert_close(fused.tail_mass[layer] / N, ref, atol=1e-5, rtol=0)
+
+    # Hybrid with the last prompt window (SnapKV-style): (lookahead rows + last 8 prompt rows) / (n + 8),
+    # the lookahead rows in a separate pass and inside the prefill.
     window = 8
-    policy = LookaheadKV(budget=10, modules=modules, window=window)
-    observer = policy.observer()
-    hybrid_state = prefill(model, ids, [observer])
-    hybrid = policy.scores(model, hybrid_state, observer)
-    with masked_lora(model, modules, start=length):
+    for fused_pass in (False, True):
+        policy = LookaheadKV(budget=10, modules=modules, window=window, fused=fused_pass)
+        hybrid_state, observer = run_prefill(model, ids, policy)
+        assert (hybrid_state.tail_mass is not None) == fused_pass
+        hybrid = policy.scores(model, hybrid_state, observer)
         for layer, p in enumerate(probs):
             votes = p[:, length:, :length].sum(dim=1) + p[:, length - window : length, :length].sum(dim=1)
             expected = (votes / (N + window)).view(2, 2, length).mean(dim=1)

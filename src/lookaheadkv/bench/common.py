@@ -9,7 +9,10 @@ the first token from the prefill's logits (:func:`first_token`).
 Because a cheap scorer's cost is far below the run-to-run noise of a whole prefill on a
 CPU, :func:`added_work` also times a method's own work in isolation: its observer replayed
 on attention inputs captured once from a real prefill (:class:`Capture`), then scoring,
-selection and eviction.
+selection and eviction. A method whose rows ride in the prefill itself (LookaheadKV's
+lookahead tokens, an engine ``Tail``) cannot be replayed that way: its own work is what its
+rows add to the prefill's last forward (:class:`LastChunk`), timed against the same forward
+without them, plus scoring, selection and eviction.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..engine.attention import hooked
 from ..engine.generate import compress, run_prefill
 from ..engine.prefill import Prefill, prefill
 
@@ -178,8 +182,83 @@ def capture_prefill(model, input_ids: torch.Tensor) -> tuple[Prefill, Capture]:
     return prefill(model, input_ids, [capture]), capture
 
 
+class LastChunk:
+    """A prompt prefilled but for its last ``size`` tokens, whose final forward can be run again and again.
+
+    Running that forward with a method's tail and without it isolates what the tail adds to
+    a prefill: the tail's rows through every linear, its attention rows, its adapters (what
+    a server that prefills in chunks pays on its last chunk). Each variant writes into its
+    own preallocated cache holding the head's entries (a Hugging Face ``StaticCache`` of
+    exactly the prompt's length, plus the tail's), so no run allocates or copies the whole
+    cache: that copy is an artefact of chunking (a one-shot prefill makes no copy) and its
+    page faults are most of the run-to-run noise on a CPU.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, size: int = 256):
+        self.size = max(1, min(size, input_ids.shape[1] - 1))
+        self.input_ids = input_ids
+        self.head = prefill(model, input_ids[:, : -self.size])
+        self._caches: dict[int, object] = {}
+
+    def _cache(self, model, rows: int):
+        """The preallocated cache for a run with ``rows`` tail rows, rewound to the head's end."""
+        from transformers import StaticCache
+
+        cache = self._caches.get(rows)
+        if cache is None:
+            cache = StaticCache(config=model.config, max_cache_len=self.input_ids.shape[1] + rows)
+            for i, layer in enumerate(self.head.cache.layers):
+                cache.update(layer.keys, layer.values, i)
+            self._caches[rows] = cache
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(self.head.length)
+        return cache
+
+    @torch.no_grad()
+    def run(self, model, tail=None) -> Prefill:
+        """The last forward, with ``tail`` (an engine Tail) or without; the Prefill's cache views the prompt's entries."""
+        from contextlib import nullcontext
+
+        from ..engine.cache import from_tensors
+
+        length = self.input_ids.shape[1]
+        start = length - self.size
+        embeds = model.get_input_embeddings()(self.input_ids[:, start:])
+        if tail is not None:
+            embeds = torch.cat([embeds, tail.embeds.to(embeds.dtype)], dim=1)
+        positions = torch.arange(start, start + embeds.shape[1], device=embeds.device)[None]
+        cache = self._cache(model, 0 if tail is None else tail.rows)
+        last = torch.tensor([self.size - 1], device=embeds.device)
+        with hooked(model, (), tail=tail), (tail.adapters() if tail is not None else nullcontext()):
+            out = model(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=last)
+        prompt = from_tensors([(layer.keys[..., :length, :], layer.values[..., :length, :]) for layer in cache.layers])
+        mass = tail.observer.per_layer() if tail is not None else None
+        return Prefill(self.input_ids, prompt, out.logits[0, -1].float(), tail_mass=mass)
+
+
+def tail_work(model, last: LastChunk, policy, clock: Clock, rep: int = 0) -> float:
+    """Seconds a tail method adds: its last forward with the tail plus scoring, selection and eviction, minus the same forward without.
+
+    The two runs alternate which goes first with ``rep``.
+    """
+    times = {}
+    for with_tail in ((False, True) if rep % 2 == 0 else (True, False)):
+        start = clock.mark()
+        if with_tail:
+            state = last.run(model, policy.tail(model))
+            compress(model, state, policy, None)
+        else:
+            last.run(model)
+        times[with_tail] = clock.seconds(start, clock.mark())
+    return times[True] - times[False]
+
+
 def added_work(model, state: Prefill, capture: Capture, policy, clock: Clock) -> float:
-    """Seconds of a method's own work: its observer on the captured inputs, then scoring, selection, eviction."""
+    """Seconds of a method's own work: its observer on the captured inputs, then scoring, selection, eviction.
+
+    For a method with a prefill tail this is its separate-pass equivalent (the prefill
+    above has no tail): use :func:`tail_work` for the tail itself.
+    """
     start = clock.mark()
     observer = policy.observer()
     if observer is not None:

@@ -4,8 +4,9 @@ For each prompt length, every method (and a plain prefill) runs to its first tok
 same prompt, several repetitions in rotating order; a method's *added* time is the median
 over repetitions of its time to first token minus the plain prefill's of the same
 repetition. Its *isolated* added time is its own work timed alone (see
-:func:`~lookaheadkv.bench.common.added_work`): on a CPU this is the number to read for the
-cheap scorers, whose cost drowns in the noise of a whole prefill. Peak memory comes from
+:func:`~lookaheadkv.bench.common.added_work`, and :func:`~lookaheadkv.bench.common.tail_work`
+for LookaheadKV, whose tokens ride in the prefill): on a CPU this is the number to read for
+the cheap scorers, whose cost drowns in the noise of a whole prefill. Peak memory comes from
 one fresh process per method and length (:mod:`lookaheadkv.bench.memory`).
 
 Run it as ``lookaheadkv bench [options]`` or ``python benchmarks/cost.py [options]``; it
@@ -26,6 +27,7 @@ from .common import (
     MODELS,
     PLAIN,
     Clock,
+    LastChunk,
     added_work,
     bench_model,
     capture_prefill,
@@ -36,9 +38,12 @@ from .common import (
     paired_runs,
     parse_ints,
     prompt_ids,
+    tail_work,
 )
 
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in (PLAIN, "oracle"))
+#: At least this many repetitions for a tail method's isolated time (a difference of two ~1 s forwards at 4K on a CPU).
+TAIL_REPS = 15
 #: The paper's headline (Llama-3.1-8B on a GPU, 32K tokens, budget 128): LAQ adds 554 ms, LookaheadKV 38 ms.
 PAPER_RATIO = "LAQ 554 ms / LookaheadKV 38 ms = 14.5x (Llama-3.1-8B, GPU, 32K tokens, budget 128)"
 SPECKV_DRAFT = "self-draft: the target model decodes the draft (the bundled SmolLM2 has no smaller sibling)"
@@ -56,6 +61,7 @@ class CostRow:
     isolated_ms: float | None  # the method's own work timed alone (None for plain)
     share_pct: float | None  # isolated_ms as a share of the plain prefill
     peak_mib: float | None = None  # peak RSS above the baseline process (None: not measured)
+    separate_ms: float | None = None  # LookaheadKV only: the lookahead tokens as a separate forward over the cache, alone
 
 
 def measure(
@@ -84,13 +90,23 @@ def measure(
         log(f"{length} tokens: {reps} paired repetitions of {len(policies)} runs")
         runs = paired_runs(model, input_ids, policies, reps, clock)
         state, capture = capture_prefill(model, input_ids)
+        tails = {name for name, p in policies.items() if p is not None and p.tail(model) is not None}
+        last = LastChunk(model, input_ids) if tails else None
+        for name in tails:  # untimed: allocate each variant's cache once
+            last.run(model)
+            last.run(model, policies[name].tail(model))
         plain = runs[PLAIN]
         plain_prefill = median([t.prefill for t in plain])
         for name, policy in policies.items():
-            isolated = None
+            isolated = separate = None
             if policy is not None:
                 log(f"{length} tokens: {name} alone x{iso_reps}")
-                isolated = median([added_work(model, state, capture, policy, clock) for _ in range(iso_reps)])
+                if name in tails:  # a difference of two timed forwards: noisier, so more repetitions
+                    tail_reps = max(iso_reps, TAIL_REPS)
+                    isolated = median([tail_work(model, last, policy, clock, rep) for rep in range(tail_reps)])
+                    separate = median([added_work(model, state, capture, policy, clock) for _ in range(iso_reps)])
+                else:
+                    isolated = median([added_work(model, state, capture, policy, clock) for _ in range(iso_reps)])
             rows.append(
                 CostRow(
                     method=name,
@@ -100,9 +116,10 @@ def measure(
                     added_ms=1000 * median([t.total - p.total for t, p in zip(runs[name], plain)]),
                     isolated_ms=None if isolated is None else 1000 * isolated,
                     share_pct=None if isolated is None else 100 * isolated / plain_prefill,
+                    separate_ms=None if separate is None else 1000 * separate,
                 )
             )
-        del state, capture
+        del state, capture, last
     return rows
 
 
@@ -117,7 +134,11 @@ def add_memory(rows: list[CostRow], model_name: str, budget: int, threads: int |
 
 
 def ratios(rows: list[CostRow], num: str = "laq", den: str = "lookahead") -> dict[int, dict[str, float | None]]:
-    """Per length, ``num``'s added time over ``den``'s, isolated and paired (None where undefined)."""
+    """Per length, ``num``'s added time over ``den``'s: isolated, against ``den``'s separate pass, and paired.
+
+    None where the denominator is not positive: a difference of two timed runs that came out
+    at or below zero is below the measurement's noise, not a cost.
+    """
     by = {(r.method, r.length): r for r in rows}
     out = {}
     for length in sorted({r.length for r in rows}):
@@ -125,7 +146,8 @@ def ratios(rows: list[CostRow], num: str = "laq", den: str = "lookahead") -> dic
         if a is None or b is None:
             continue
         out[length] = {
-            "isolated": a.isolated_ms / b.isolated_ms if b.isolated_ms else None,
+            "isolated": a.isolated_ms / b.isolated_ms if b.isolated_ms and b.isolated_ms > 0 else None,
+            "separate": a.isolated_ms / b.separate_ms if b.separate_ms and b.separate_ms > 0 else None,
             "paired": a.added_ms / b.added_ms if b.added_ms > 0 and a.added_ms > 0 else None,
         }
     return out
@@ -151,10 +173,19 @@ def markdown(rows: list[CostRow], env: dict, budget: int, reps: int, iso_reps: i
         labels=2,
     )
     times = lambda x: "-" if x is None else f"{x:.1f}x"  # noqa: E731
-    ratio_lines = [f"- {length} tokens: {times(v['isolated'])} alone, {times(v['paired'])} paired" for length, v in ratios(rows).items()]
+    ratio_lines = [
+        f"- {length} tokens: {times(v['isolated'])} alone"
+        + (f", {times(v['separate'])} against LookaheadKV as a separate pass" if v.get("separate") else "")
+        + f", {times(v['paired'])} paired"
+        for length, v in ratios(rows).items()
+    ]
     notes = []
     if any(r.method == "lookahead" for r in rows):
         notes.append(f"LookaheadKV modules: {env['lookahead_modules']}.")
+        separate = [f"{r.length}: {ms(r.separate_ms)} ms" for r in sorted(rows, key=lambda r: r.length) if r.method == "lookahead" and r.separate_ms]
+        if separate:
+            notes.append("LookaheadKV as a separate forward over the finished cache (how the evaluation runner scores, "
+                         "sharing one prefill between methods), alone: " + ", ".join(separate) + ".")
     if any(r.method == "speckv" for r in rows):
         notes.append(f"SpecKV: {SPECKV_DRAFT}.")
     lines = [
@@ -167,8 +198,10 @@ def markdown(rows: list[CostRow], env: dict, budget: int, reps: int, iso_reps: i
         "",
         "TTFT = prefill + scoring + selection + eviction + first token. *added (paired)*: TTFT minus the plain "
         "prefill's in the same repetition. *added (alone)*: the method's own work timed in isolation (observer "
-        "replayed on captured attention inputs, then scoring, top-k and the gather). *peak MiB*: peak RSS of a "
-        "fresh process running it once, above a process that only holds the model.",
+        "replayed on captured attention inputs, then scoring, top-k and the gather; for LookaheadKV, whose tokens run "
+        "in the prefill, what they add to the prefill's last 256-token forward, against the same forward without "
+        "them, plus scoring, top-k and the gather). *peak MiB*: peak RSS of a fresh process running it once, above a "
+        "process that only holds the model.",
         "",
         table,
     ]
@@ -226,7 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--jobs", type=int, default=1, help="memory processes run at once (peaks are per process)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-cost"), help="folder for results.json, table.md, cost.png")
+    parser.add_argument("--report-only", action="store_true", help="rewrite table.md and cost.png from --out's results.json; time nothing")
     return parser
+
+
+def report_only(out: Path) -> str:
+    """The table and plot of an earlier run, rebuilt from its ``results.json``."""
+    path = out / "results.json"
+    try:
+        results = json.loads(path.read_text())
+        rows = [CostRow(**{k: v for k, v in r.items() if k in CostRow.__dataclass_fields__}) for r in results["rows"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"error: cannot read {path} ({type(err).__name__}): run the benchmark into --out first", file=sys.stderr)
+        raise SystemExit(2) from None
+    report = markdown(rows, results["environment"], results["budget"], results["reps"], results["iso_reps"])
+    results["laq_over_lookahead"] = {str(k): v for k, v in ratios(rows).items()}
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    (out / "table.md").write_text(report)
+    plot(rows, out / "cost.png", f"Eviction cost on {results['environment']['model']}, budget {results['budget']}")
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -238,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(args.methods) - set(METHODS) - {PLAIN})
     if unknown:
         parser.error(f"unknown methods {', '.join(unknown)}; choose from: {', '.join(m for m in METHODS if m != PLAIN)}")
+    if args.report_only:
+        print(report_only(args.out))
+        return
     methods = [m for m in METHODS if m in args.methods or (m == "oracle" and args.oracle)]
     if args.threads:
         torch.set_num_threads(args.threads)

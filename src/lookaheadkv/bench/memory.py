@@ -4,11 +4,13 @@ A process's peak RSS only ever grows, so every measurement gets its own interpre
 
     python -m lookaheadkv.bench.memory --model smollm2 --method snapkv --length 4096
 
-loads the model, runs an 8-token forward (this pages the memory-mapped weights in and
+loads the model, runs a 64-token forward (this pages the memory-mapped weights in and
 initialises the kernels, so they are not counted as the method's memory), runs the method
-once to its first token (:func:`~lookaheadkv.bench.common.first_token`) and prints one JSON
-line ``{"peak_mib": ...}``. ``--method baseline`` stops after the 8-token forward: the
-process that only holds the model, which every other peak is reported above.
+once on those 64 tokens (its own one-time allocations: kernel workspaces and caches for the
+shapes it uses, which a server pays once, not per request), then once on the prompt to its
+first token (:func:`~lookaheadkv.bench.common.first_token`) and prints one JSON line
+``{"peak_mib": ...}``. ``--method baseline`` stops after the 64-token forward: the process
+that only holds the model, which every other peak is reported above.
 
 The peak is the process's own high-water mark, ``VmHWM`` in ``/proc/self/status``
 (``ru_maxrss`` where there is no ``/proc``). On Linux, ``ru_maxrss`` is not usable here: a
@@ -17,7 +19,7 @@ folds the replaced memory map's high-water mark into it), so a worker started by
 benchmark that holds a model would report the benchmark's size.
 
 Loading a model briefly needs more memory than holding it. Where Linux allows it, the peak
-is reset after the 8-token forward (``/proc/self/clear_refs``), so that transient cannot
+is reset after the warm-up (``/proc/self/clear_refs``), so that transient cannot
 hide a run's smaller peak; the JSON line says whether it was (``"reset"``).
 
 Each process runs with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB: every tensor
@@ -38,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 BASELINE = "baseline"
-WARMUP_TOKENS = 8
+WARMUP_TOKENS = 64
 MMAP_THRESHOLD = 128 * 1024  # bytes; see the module docstring
 
 
@@ -74,6 +76,8 @@ def measure_here(model_name: str, method: str, length: int, budget: int) -> dict
     input_ids = prompt_ids(model, tokenizer, length)
     policy = make_method(method, model, budget) if method != BASELINE else None
     prefill(model, input_ids[:, :WARMUP_TOKENS])
+    if policy is not None:  # the method's one-time allocations, on a prompt short enough to keep whole
+        first_token(model, input_ids[:, :WARMUP_TOKENS], policy, Clock())
     reset = reset_peak()
     if method != BASELINE:
         first_token(model, input_ids, policy, Clock())
@@ -104,7 +108,7 @@ def peaks_above_baseline(
 ) -> tuple[float, dict[tuple[str, int], float | None]]:
     """``(baseline MiB, {(method, length): MiB above the baseline})``, every number from its own process.
 
-    The baseline process loads the model and the longest prompt and runs the 8-token
+    The baseline process loads the model and the longest prompt and runs the 64-token
     forward. A run that fails (e.g. killed for memory) is reported on stderr and gets None.
     ``jobs`` processes run at once: peak RSS is per process, so this changes no number.
     """

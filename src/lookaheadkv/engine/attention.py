@@ -13,6 +13,12 @@ it here instead of letting Hugging Face build one from the cache length, which l
 layers hold different numbers of entries after eviction (PyramidKV). The one exception to
 batch size 1 is :func:`engine.decode.decode_batch`: single-token steps over caches stacked
 along the batch, without observers, where the only mask is the padding of ragged caches.
+
+A prefill may carry a *tail*: extra rows after the prompt in the same forward (LookaheadKV's
+lookahead tokens, :class:`engine.prefill.Tail`). The prompt's rows then go through the very
+same ``scaled_dot_product_attention`` call on the prompt's own queries, keys and values as
+in a plain prefill (the tail's keys are not even in it), and the tail's rows are computed as
+explicit probability rows that the tail's observer takes.
 """
 
 from __future__ import annotations
@@ -69,8 +75,9 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, row_o
 def _explicit(query, key, value, scaling, observers):
     """Attention computed once as explicit rows, shared with observers that take them.
 
-    Used for short calls over a cache (lookahead tokens, drafts): the observers get the very
-    probabilities the layer uses instead of recomputing ``QK^T`` and the softmax.
+    Used for short calls over a cache (lookahead tokens, drafts) and for a prefill's tail:
+    the observers get the very probabilities the layer uses instead of recomputing ``QK^T``
+    and the softmax.
     """
     q, k = query.shape[2], key.shape[2]
     probs = attention_rows(query[0], key[0], scaling, row_offset=k - q)  # (heads, q, k)
@@ -94,6 +101,9 @@ def _attention(module, query, key, value, attention_mask=None, dropout=0.0, scal
             f"has {k}; sliding-window layers are not supported: use a model or config without them"
         )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    tail = getattr(_state, "tail", None)
+    if tail is not None:  # a prefill whose last rows are the tail (see engine.prefill.Tail)
+        return _prefill_with_tail(module, query, key, value, scaling, observers, tail), None
     takers = [o for o in observers if getattr(o, "takes_probs", lambda q, k: False)(q, k)]
     if takers and len(takers) == len(observers):
         for observe in takers:
@@ -120,24 +130,56 @@ def _attention(module, query, key, value, attention_mask=None, dropout=0.0, scal
     return out.transpose(1, 2).contiguous(), None
 
 
+def _prefill_with_tail(module, query, key, value, scaling, observers, tail):
+    """Prompt rows exactly as a plain prefill computes them; the tail's rows explicit, for its observer.
+
+    The call's last ``tail.rows`` queries and keys are the tail's. The prompt's rows get the
+    same kernel call, on the prompt's own queries, keys and values, as without the tail (also
+    when this call continues a cache, as a prefill's last chunk does).
+    """
+    n = tail.rows
+    q, k = query.shape[2] - n, key.shape[2] - n  # the prompt's rows and keys
+    prompt = tuple(t[:, :, :k] for t in (key, value))
+    for observe in observers:
+        observe(module.layer_idx, query[:, :, :q], prompt[0], scaling)
+    head = F.scaled_dot_product_attention(
+        query[:, :, :q],
+        *prompt,
+        attn_mask=None if q == k else tail_causal_mask(q, k, query.device),
+        is_causal=q == k and q > 1,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    tail.observer.layer = module.layer_idx
+    rows = _explicit(query[:, :, q:], key, value, scaling, [tail.observer])  # (1, n, heads, d)
+    return torch.cat([head.transpose(1, 2), rows], dim=1)
+
+
 AttentionInterface.register(ATTN_NAME, _attention)
 
 
 @contextmanager
-def hooked(model: torch.nn.Module, observers: Sequence[Observer | None] = (), padding: list[torch.Tensor] | None = None) -> Iterator[None]:
+def hooked(
+    model: torch.nn.Module,
+    observers: Sequence[Observer | None] = (),
+    padding: list[torch.Tensor] | None = None,
+    tail=None,
+) -> Iterator[None]:
     """Run ``model`` through the engine's attention, calling ``observers`` in every layer.
 
     ``padding`` (decode_batch only): per layer a (batch, 1, 1, k) boolean mask of the real
-    cache entries of each row; entries appended later count as real.
+    cache entries of each row; entries appended later count as real. ``tail`` (prefill only):
+    the :class:`engine.prefill.Tail` whose rows end the sequence.
     """
     config = model.config
     previous_impl = config._attn_implementation
-    previous_observers, previous_padding = _observers(), getattr(_state, "padding", None)
+    previous = _observers(), getattr(_state, "padding", None), getattr(_state, "tail", None)
     config._attn_implementation = ATTN_NAME
     _state.observers = tuple(o for o in observers if o is not None)
     _state.padding = padding
+    _state.tail = tail
     try:
         yield
     finally:
         config._attn_implementation = previous_impl
-        _state.observers, _state.padding = previous_observers, previous_padding
+        _state.observers, _state.padding, _state.tail = previous

@@ -68,8 +68,9 @@ def compress(model: torch.nn.Module, state: Prefill, policy, observer=None) -> C
 
 
 def run_prefill(model: torch.nn.Module, input_ids: torch.Tensor, policy) -> tuple[Prefill, object]:
+    """The prompt's prefill with ``policy``'s observer (and its tail, if it has one)."""
     observer = policy.observer()
-    return prefill(model, input_ids, [observer]), observer
+    return prefill(model, input_ids, [observer], tail=policy.tail(model)), observer
 
 
 def generate_ids(

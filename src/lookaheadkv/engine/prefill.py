@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
 import torch
 from transformers import DynamicCache
@@ -19,6 +21,7 @@ class Prefill:
     cache: DynamicCache  # every layer (1, kv_heads, L, head_dim)
     logits: torch.Tensor  # (vocab,) at the last prompt position
     seconds: float = 0.0
+    tail_mass: list[torch.Tensor] | None = None  # per layer (heads, L): what the tail's observer took
 
     @property
     def length(self) -> int:
@@ -38,16 +41,54 @@ def check_input_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Te
     return input_ids.to(model.device)
 
 
+@dataclass
+class Tail:
+    """Rows that ride along at the end of a prompt's prefill and are dropped after it.
+
+    This is how LookaheadKV's lookahead tokens run "in the prefill" (the paper's setting): one
+    forward over ``[prompt ; tail]``, with the tail's positions continuing the prompt's. Inside
+    it the prompt's rows see only the prompt (causal), their attention is the same kernel call
+    on the same tensors as in a plain prefill, ``adapters`` must touch only the last ``rows``
+    positions, and ``observer.take_probs`` receives the tail's attention rows in every layer.
+    The tail's cache entries are cropped off and the next-token logits are the last prompt
+    position's.
+    """
+
+    embeds: torch.Tensor  # (1, n, hidden)
+    observer: object  # has take_probs(probs, q, k), a `layer` attribute and per_layer()
+    adapters: Callable[[], ContextManager] = field(default=nullcontext)
+
+    @property
+    def rows(self) -> int:
+        return self.embeds.shape[1]
+
+
 @torch.no_grad()
-def prefill(model: torch.nn.Module, input_ids: torch.Tensor, observers: list[Observer | None] = ()) -> Prefill:
-    """Run the prompt through ``model`` once, calling ``observers`` in every attention layer."""
+def prefill(
+    model: torch.nn.Module, input_ids: torch.Tensor, observers: list[Observer | None] = (), tail: Tail | None = None
+) -> Prefill:
+    """Run the prompt through ``model`` once, calling ``observers`` in every attention layer.
+
+    With a ``tail``, its rows run after the prompt in the same forward (see :class:`Tail`);
+    what its observer took is in ``Prefill.tail_mass``.
+    """
     import time
 
     input_ids = check_input_ids(model, input_ids)
     start = time.perf_counter()
-    with hooked(model, observers):
-        out = model(input_ids=input_ids, cache=new_cache(), use_cache=True, logits_to_keep=1)
-    return Prefill(input_ids, out.cache, out.logits[0, -1].float(), time.perf_counter() - start)
+    if tail is None:
+        with hooked(model, observers):
+            out = model(input_ids=input_ids, cache=new_cache(), use_cache=True, logits_to_keep=1)
+        return Prefill(input_ids, out.cache, out.logits[0, -1].float(), time.perf_counter() - start)
+    length = input_ids.shape[1]
+    embeds = model.get_input_embeddings()(input_ids)
+    embeds = torch.cat([embeds, tail.embeds.to(device=embeds.device, dtype=embeds.dtype)], dim=1)
+    last_prompt_row = torch.tensor([length - 1], device=embeds.device)
+    with hooked(model, observers, tail=tail), tail.adapters():
+        out = model(inputs_embeds=embeds, cache=new_cache(), use_cache=True, logits_to_keep=last_prompt_row)
+    crop(out.cache, length)
+    mass = tail.observer.per_layer()
+    return Prefill(input_ids, out.cache, out.logits[0, -1].float(), time.perf_counter() - start, tail_mass=mass)
 
 
 def extend(

@@ -1,11 +1,20 @@
 """The learned lookahead modules: n soft tokens plus LoRA adapters active only on them.
 
-The modules never touch the prompt. The prompt is prefilled by the unchanged base model;
-the lookahead tokens then run in their own forward over the prompt's cache, and that
-forward is the only one in which the adapters exist (they are hooked onto the model's
-linear layers for its duration and removed after). So the prompt's keys, values and the
-next-token logits are bit-identical with or without the modules, and decoding pays
-nothing for them.
+The modules never touch the prompt. They run in one of two ways:
+
+* in the prompt's own prefill (:meth:`LookaheadModules.tail`, the paper's setting and the
+  inference default): one forward over ``[prompt ; lookahead tokens]`` whose adapters act
+  only on the last n rows. The prompt's rows are computed by the base model's layers alone,
+  but inside matmuls that also hold the n extra rows, so their keys, values and logits can
+  differ from a plain prefill's in the last float bits (how a BLAS splits a matmul may depend
+  on its row count); the attention kernel sees exactly the prompt's own tensors.
+* in a separate forward over the prompt's finished cache (:meth:`attention_mass`, used by
+  training and by runs that share one prefill between methods): the prompt is prefilled by
+  the unchanged base model, so its keys, values and the next-token logits are bit-identical
+  with or without the modules.
+
+Either way the adapters are hooked onto the model's linear layers only for that forward and
+removed after, and decoding pays nothing for them.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..engine.prefill import extend
+from ..engine.prefill import Tail, extend
 from ..policies.base import AttentionMass
 
 FORMAT_VERSION = 1
@@ -170,23 +179,33 @@ class LookaheadModules(nn.Module):
         return self._fitted[1]
 
     @contextmanager
-    def applied(self, model: nn.Module) -> Iterator[None]:
-        """Hook the LoRA adapters onto ``model``'s linears for the duration of the block."""
+    def applied(self, model: nn.Module, last: int | None = None) -> Iterator[None]:
+        """Hook the LoRA adapters onto ``model``'s linears for the duration of the block.
+
+        ``last``: adapt only the last ``last`` positions of every call (the lookahead tokens at
+        the end of a prefill); None adapts every position.
+        """
         linears = self._linears(model)
-        handles = [linears[name].register_forward_hook(self._hook(_key(name))) for name in self.config.linear_shapes]
+        handles = [linears[name].register_forward_hook(self._hook(_key(name), last)) for name in self.config.linear_shapes]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def _hook(self, key: str):
+    def _hook(self, key: str, last: int | None = None):
         # A^T and the scaled B^T are formed once per applied() block, not once per call
         # (inside the block, so gradients reach lora_A / lora_B when training)
         a_t, b_t = self.lora_A[key].T, self.lora_B[key].T * self.config.scaling
 
         def add_lora(module, args, output):
             x = args[0]
+            if last is not None:
+                if torch.is_grad_enabled():
+                    raise RuntimeError("adapters on the last positions only are for inference (no grad)")
+                rows = output[:, -last:]
+                rows.add_(((x[:, -last:].to(a_t.dtype) @ a_t) @ b_t).to(rows.dtype))  # in place: the prompt's rows untouched
+                return output
             if x.dtype != a_t.dtype:
                 return output + ((x.to(a_t.dtype) @ a_t) @ b_t).to(output.dtype)
             delta = (x @ a_t) @ b_t
@@ -195,6 +214,17 @@ class LookaheadModules(nn.Module):
             return output + delta
 
         return add_lora
+
+    def tail(self, model: nn.Module) -> Tail:
+        """The lookahead tokens as a :class:`~lookaheadkv.engine.prefill.Tail` of the prompt's prefill.
+
+        ``prefill(model, ids, tail=modules.tail(model))`` runs prompt and lookahead tokens in one
+        forward (adapters on the lookahead rows only); its ``tail_mass`` is what
+        :meth:`attention_mass` returns for the same prompt, up to float rounding.
+        """
+        self._linears(model)  # check the fit before the forward
+        n = self.config.n_lookahead
+        return Tail(self.tokens[None].detach().to(model.dtype), AttentionMass(), lambda: self.applied(model, last=n))
 
     def attention_mass(self, model: nn.Module, cache, prompt_len: int) -> list[torch.Tensor]:
         """Run the lookahead tokens over a prompt's cache: per layer (heads, L) attention summed over the n tokens.

@@ -151,6 +151,10 @@ class Policy:
         """An observer to run during the prompt's prefill, or None."""
         return None
 
+    def tail(self, model: torch.nn.Module):
+        """Extra rows to run at the end of the prompt's own prefill (an engine ``Tail``), or None."""
+        return None
+
     def scores(self, model: torch.nn.Module, prefill: Prefill, observer) -> list[torch.Tensor] | None:
         """Per layer (kv_heads, L) scores, higher = keep; None keeps everything."""
         raise NotImplementedError

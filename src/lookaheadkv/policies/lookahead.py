@@ -30,8 +30,12 @@ def default_modules_path(model) -> Path | None:
 class LookaheadKV(Policy):
     """Score = mean attention of the n lookahead queries to each prompt token.
 
-    The lookahead tokens run in one extra forward over the prompt's cache (n x L score rows
-    per layer), with their LoRA adapters on; their own KV is dropped afterwards.
+    The lookahead tokens run at the end of the prompt's own prefill, with their LoRA adapters
+    on their rows only (n x L score rows per layer); their own KV is dropped afterwards. When
+    the prompt was prefilled without them (a prefill shared between methods, or
+    ``fused=False``), they run in one extra forward over the prompt's cache instead: the same
+    scores up to float rounding, a prompt cache bit-identical to a plain prefill's, and the
+    cost of a second, 32-row forward.
 
     Parameters
     ----------
@@ -43,11 +47,15 @@ class LookaheadKV(Policy):
     window : int
         Optional hybrid: also count the last ``window`` prompt queries' attention, as in
         SnapKV (0 = off, the default).
+    fused : bool
+        Run the lookahead tokens inside the prompt's prefill (True, the default) or in a
+        separate forward over its cache (False).
     """
 
     modules: object = None
     kernel: int = 1
     window: int = 0
+    fused: bool = True
     name = "lookahead"
     prefill_only = False
 
@@ -73,10 +81,15 @@ class LookaheadKV(Policy):
     def observer(self):
         return AttentionMass(last_rows=self.window) if self.window else None
 
+    def tail(self, model):
+        return self.resolve(model).tail(model) if self.fused else None
+
     @torch.no_grad()  # inference: never build an autograd graph through the model (training uses attention_mass)
     def scores(self, model, prefill, observer):
         modules = self.resolve(model)
-        mass = modules.attention_mass(model, prefill.cache, prefill.length)
+        mass = prefill.tail_mass
+        if mass is None or len(mass) != model.config.num_hidden_layers:
+            mass = modules.attention_mass(model, prefill.cache, prefill.length)
         rows = modules.config.n_lookahead
         if observer is not None:
             mass = [m + observer.mass[i] for i, m in enumerate(mass)]
