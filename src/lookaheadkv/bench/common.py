@@ -28,9 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..engine.attention import hooked
 from ..engine.generate import compress, run_prefill
-from ..engine.prefill import Prefill, prefill
+from ..engine.prefill import Prefill, forward_rows, prefill
 
 PLAIN = "plain"
 #: Every method the benchmarks know, in table order ("oracle" decodes a whole answer first).
@@ -214,26 +213,15 @@ class LastChunk:
             layer.cumulative_length.fill_(self.head.length)
         return cache
 
-    @torch.no_grad()
     def run(self, model, tail=None) -> Prefill:
         """The last forward, with ``tail`` (an engine Tail) or without; the Prefill's cache views the prompt's entries."""
-        from contextlib import nullcontext
-
         from ..engine.cache import from_tensors
 
         length = self.input_ids.shape[1]
-        start = length - self.size
-        embeds = model.get_input_embeddings()(self.input_ids[:, start:])
-        if tail is not None:
-            embeds = torch.cat([embeds, tail.embeds.to(embeds.dtype)], dim=1)
-        positions = torch.arange(start, start + embeds.shape[1], device=embeds.device)[None]
         cache = self._cache(model, 0 if tail is None else tail.rows)
-        last = torch.tensor([self.size - 1], device=embeds.device)
-        with hooked(model, (), tail=tail), (tail.adapters() if tail is not None else nullcontext()):
-            out = model(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=last)
+        logits = forward_rows(model, self.input_ids[:, self.head.length :], cache, self.head.length, tail=tail)
         prompt = from_tensors([(layer.keys[..., :length, :], layer.values[..., :length, :]) for layer in cache.layers])
-        mass = tail.observer.per_layer() if tail is not None else None
-        return Prefill(self.input_ids, prompt, out.logits[0, -1].float(), tail_mass=mass)
+        return Prefill(self.input_ids, prompt, logits, tail_mass=tail.observer.per_layer() if tail is not None else None)
 
 
 def tail_work(model, last: LastChunk, policy, clock: Clock, rep: int = 0) -> float:

@@ -64,6 +64,34 @@ class Tail:
 
 
 @torch.no_grad()
+def forward_rows(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    cache,
+    start: int = 0,
+    observers: list[Observer | None] = (),
+    tail: Tail | None = None,
+) -> torch.Tensor:
+    """Prompt tokens ``input_ids`` (1, m) at positions ``start ..``, then ``tail``'s rows, in one forward into ``cache``.
+
+    Returns the next-token logits (vocab,) at the last prompt token. The cache keeps the tail's
+    entries: the caller crops them. ``start > 0`` continues a cache that holds the prompt's
+    first ``start`` tokens (a prefill's last chunk).
+    """
+    rows = input_ids.shape[1]
+    positions = torch.arange(start, start + rows + (tail.rows if tail is not None else 0), device=input_ids.device)[None]
+    if tail is None:
+        with hooked(model, observers):
+            out = model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float()
+    embeds = model.get_input_embeddings()(input_ids)
+    embeds = torch.cat([embeds, tail.embeds.to(device=embeds.device, dtype=embeds.dtype)], dim=1)
+    last_prompt_row = torch.tensor([rows - 1], device=embeds.device)
+    with hooked(model, observers, tail=tail), tail.adapters():
+        out = model(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=last_prompt_row)
+    return out.logits[0, -1].float()
+
+
 def prefill(
     model: torch.nn.Module, input_ids: torch.Tensor, observers: list[Observer | None] = (), tail: Tail | None = None
 ) -> Prefill:
@@ -76,19 +104,12 @@ def prefill(
 
     input_ids = check_input_ids(model, input_ids)
     start = time.perf_counter()
+    cache = new_cache()
+    logits = forward_rows(model, input_ids, cache, observers=observers, tail=tail)
     if tail is None:
-        with hooked(model, observers):
-            out = model(input_ids=input_ids, cache=new_cache(), use_cache=True, logits_to_keep=1)
-        return Prefill(input_ids, out.cache, out.logits[0, -1].float(), time.perf_counter() - start)
-    length = input_ids.shape[1]
-    embeds = model.get_input_embeddings()(input_ids)
-    embeds = torch.cat([embeds, tail.embeds.to(device=embeds.device, dtype=embeds.dtype)], dim=1)
-    last_prompt_row = torch.tensor([length - 1], device=embeds.device)
-    with hooked(model, observers, tail=tail), tail.adapters():
-        out = model(inputs_embeds=embeds, cache=new_cache(), use_cache=True, logits_to_keep=last_prompt_row)
-    crop(out.cache, length)
-    mass = tail.observer.per_layer()
-    return Prefill(input_ids, out.cache, out.logits[0, -1].float(), time.perf_counter() - start, tail_mass=mass)
+        return Prefill(input_ids, cache, logits, time.perf_counter() - start)
+    crop(cache, input_ids.shape[1])
+    return Prefill(input_ids, cache, logits, time.perf_counter() - start, tail_mass=tail.observer.per_layer())
 
 
 def extend(

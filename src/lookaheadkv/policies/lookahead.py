@@ -87,8 +87,8 @@ class LookaheadKV(Policy):
     @torch.no_grad()  # inference: never build an autograd graph through the model (training uses attention_mass)
     def scores(self, model, prefill, observer):
         modules = self.resolve(model)
-        mass = prefill.tail_mass
-        if mass is None or len(mass) != model.config.num_hidden_layers:
+        mass = prefill.tail_mass  # the tokens ran in the prefill (see tail()); else run them now
+        if mass is None:
             mass = modules.attention_mass(model, prefill.cache, prefill.length)
         rows = modules.config.n_lookahead
         if observer is not None:
