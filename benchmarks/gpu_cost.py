@@ -5,7 +5,8 @@ shape, directly on the GPU, in bf16 with sdpa attention and small random normal 
 (std 0.02: garbage for quality, exact for timing). For each model and prompt length
 (8K, 16K, 32K random tokens), with budget 128:
 
-- methods: plain prefill, SnapKV, LookaheadKV (random modules, same cost as trained ones),
+- methods: plain prefill, SnapKV, LookaheadKV (random modules, same cost as trained ones;
+  its tokens in the prefill, and as a separate forward over the cache, "lookahead_separate"),
   LAQ (32 self-drafted tokens), SpecKV (the 1B-shaped model drafts 32 tokens for the
   8B-shaped target; the 1B-shaped target drafts for itself);
 - time to first token (prefill + scoring + top-k + eviction + first token) timed with
@@ -54,7 +55,7 @@ TINY_SHAPES = {
 }
 NAMES = {"8b": "Llama-3.1-8B", "1b": "Llama-3.2-1B"}
 DRAFT_FOR = {"8b": "1b"}  # SpecKV's draft model for each target; others draft for themselves
-METHODS = (PLAIN, "snapkv", "lookahead", "laq", "speckv")
+METHODS = (PLAIN, "snapkv", "lookahead", "lookahead_separate", "laq", "speckv")
 PAPER = ("paper, Llama-3.1-8B, added TTFT: 8K: LookaheadKV 11 ms, SnapKV 20 ms, LAQ 509 ms, SpecKV 121 ms; "
          "32K: LookaheadKV 38 ms, LAQ 554 ms, SpecKV 503 ms")
 
@@ -95,7 +96,8 @@ def policies(key: str, model, models: dict, budget: int) -> dict:
     from lookaheadkv.policies import LookaheadKV
 
     out = {name: make_method(name, model, budget) for name in ("snapkv", "laq")}
-    out["lookahead"] = LookaheadKV(budget=budget, modules=random_modules(model))
+    out["lookahead"] = LookaheadKV(budget=budget, modules=random_modules(model))  # tokens in the prefill (the paper's way)
+    out["lookahead_separate"] = LookaheadKV(budget=budget, modules=out["lookahead"].modules, fused=False)  # a second forward
     out["speckv"] = SpecKV(budget=budget, draft=models.get(DRAFT_FOR.get(key)))
     return {name: out[name] for name in METHODS if name in out}
 
