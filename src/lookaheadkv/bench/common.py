@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..engine.cache import from_tensors
 from ..engine.generate import compress, run_prefill
 from ..engine.prefill import Prefill, forward_rows, prefill
 
@@ -215,8 +216,6 @@ class LastChunk:
 
     def run(self, model, tail=None) -> Prefill:
         """The last forward, with ``tail`` (an engine Tail) or without; the Prefill's cache views the prompt's entries."""
-        from ..engine.cache import from_tensors
-
         length = self.input_ids.shape[1]
         cache = self._cache(model, 0 if tail is None else tail.rows)
         logits = forward_rows(model, self.input_ids[:, self.head.length :], cache, self.head.length, tail=tail)
