@@ -20,6 +20,7 @@ import torch
 
 from lookaheadkv.bench import METHODS, PLAIN, bench_model, make_method, measure, memory, ratios
 from lookaheadkv.bench.common import prompt_ids
+from lookaheadkv.bench.cost import TAIL_REPS
 from lookaheadkv.cli import app
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -47,9 +48,9 @@ def test_cost_measures_every_method_at_every_length():
         if row.method == PLAIN:
             assert row.isolated_ms is None and row.added_ms == 0
         elif row.method == "lookahead":  # a difference of two timed forwards (with and without its tokens)
-            assert row.isolated_ms is not None and row.separate_ms > 0
+            assert row.isolated_ms is not None and row.separate_ms > 0 and len(row.isolated_runs_ms) == TAIL_REPS
         else:
-            assert row.isolated_ms > 0 and row.share_pct > 0 and row.separate_ms is None
+            assert row.isolated_ms > 0 and row.share_pct > 0 and row.separate_ms is None and len(row.isolated_runs_ms) == 1
     assert set(ratios(rows)) == {64, 128}
 
 
@@ -106,9 +107,24 @@ def test_ratios_skip_a_cost_that_is_not_positive():
         return CostRow(method, 4096, 0.0, 0.0, added, isolated, None, separate_ms=separate)
 
     rows = [row("laq", 1000.0, added=3000.0), row("lookahead", 100.0, 200.0, added=600.0)]
-    assert ratios(rows) == {4096: {"isolated": 10.0, "separate": 5.0, "paired": 5.0}}
+    assert ratios(rows) == {4096: {"isolated": 10.0, "isolated_ci": None, "separate": 5.0, "paired": 5.0}}
     rows[1] = row("lookahead", -5.0, 250.0, added=-1.0)  # a difference of two timings below their noise
-    assert ratios(rows) == {4096: {"isolated": None, "separate": 4.0, "paired": None}}
+    assert ratios(rows) == {4096: {"isolated": None, "isolated_ci": None, "separate": 4.0, "paired": None}}
+
+
+def test_ratio_interval_brackets_the_ratio_of_medians_and_widens_with_noise():
+    from lookaheadkv.bench.cost import ratio_interval
+
+    laq = [2000.0 + 10 * i for i in range(21)]  # median 2100
+    steady = [200.0 + i for i in range(-10, 11)]  # median 200
+    lo, hi = ratio_interval(laq, steady)
+    assert lo <= 2100 / 200 <= hi and hi - lo < 1.5
+    noisy = [200.0 + 15 * i for i in range(-10, 11)]  # same median, 15x the spread
+    nlo, nhi = ratio_interval(laq, noisy)
+    assert nlo <= 10.5 <= nhi and nhi - nlo > 2 * (hi - lo)
+    # a denominator whose runs sit mostly at or below zero: no finite upper end
+    assert ratio_interval(laq, [-50.0, -20.0, 0.0, 5.0, 30.0])[1] is None
+    assert ratio_interval(laq, [200.0]) is None and ratio_interval(None, steady) is None
 
 
 def test_bench_command_rejects_unknown_methods(tmp_path):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +64,7 @@ class CostRow:
     share_pct: float | None  # isolated_ms as a share of the plain prefill
     peak_mib: float | None = None  # peak RSS above the baseline process (None: not measured)
     separate_ms: float | None = None  # LookaheadKV only: the lookahead tokens as a separate forward over the cache, alone
+    isolated_runs_ms: list[float] | None = None  # every isolated run (isolated_ms is their median), for the ratios' intervals
 
 
 def measure(
@@ -97,16 +100,9 @@ def measure(
             last.run(model, policies[name].tail(model))
         plain = runs[PLAIN]
         plain_prefill = median([t.prefill for t in plain])
+        isolated = isolated_runs(model, state, capture, last, policies, tails, iso_reps, clock, log, length)
         for name, policy in policies.items():
-            isolated = separate = None
-            if policy is not None:
-                log(f"{length} tokens: {name} alone x{iso_reps}")
-                if name in tails:  # a difference of two timed forwards: noisier, so more repetitions
-                    tail_reps = max(iso_reps, TAIL_REPS)
-                    isolated = median([tail_work(model, last, policy, clock, rep) for rep in range(tail_reps)])
-                    separate = median([added_work(model, state, capture, policy, clock) for _ in range(iso_reps)])
-                else:
-                    isolated = median([added_work(model, state, capture, policy, clock) for _ in range(iso_reps)])
+            alone, separate = isolated.get(name, ([], []))
             rows.append(
                 CostRow(
                     method=name,
@@ -114,13 +110,41 @@ def measure(
                     ttft_ms=1000 * median([t.total for t in runs[name]]),
                     prefill_ms=1000 * median([t.prefill for t in runs[name]]),
                     added_ms=1000 * median([t.total - p.total for t, p in zip(runs[name], plain)]),
-                    isolated_ms=None if isolated is None else 1000 * isolated,
-                    share_pct=None if isolated is None else 100 * isolated / plain_prefill,
-                    separate_ms=None if separate is None else 1000 * separate,
+                    isolated_ms=1000 * median(alone) if alone else None,
+                    share_pct=100 * median(alone) / plain_prefill if alone else None,
+                    separate_ms=1000 * median(separate) if separate else None,
+                    isolated_runs_ms=[1000 * t for t in alone] or None,
                 )
             )
         del state, capture, last
     return rows
+
+
+def isolated_runs(model, state, capture, last, policies: dict, tails: set, iso_reps: int, clock, log, length: int) -> dict:
+    """Every method's own work timed alone: per name, (seconds of each run, seconds of each separate-pass run).
+
+    The methods take turns, one run each per round in an order that rotates every round (as
+    :func:`~lookaheadkv.bench.common.paired_runs` does), so a machine that drifts over the
+    minutes of a length drifts under all of them alike and their ratios stay comparable. A
+    tail method gets at least ``TAIL_REPS`` runs (each a difference of two timed forwards:
+    noisier) and ``iso_reps`` of its separate pass.
+    """
+    names = [name for name, policy in policies.items() if policy is not None]
+    reps = {name: max(iso_reps, TAIL_REPS) if name in tails else iso_reps for name in names}
+    out = {name: ([], []) for name in names}
+    log(f"{length} tokens: each method's own work alone, {max(reps.values(), default=0)} rounds")
+    for rnd in range(max(reps.values(), default=0)):
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            policy = policies[name]
+            if rnd < reps[name]:
+                if name in tails:
+                    out[name][0].append(tail_work(model, last, policy, clock, rnd))
+                else:
+                    out[name][0].append(added_work(model, state, capture, policy, clock))
+            if name in tails and rnd < iso_reps:
+                out[name][1].append(added_work(model, state, capture, policy, clock))
+    return out
 
 
 def add_memory(rows: list[CostRow], model_name: str, budget: int, threads: int | None, jobs: int) -> float:
@@ -133,8 +157,8 @@ def add_memory(rows: list[CostRow], model_name: str, budget: int, threads: int |
     return baseline
 
 
-def ratios(rows: list[CostRow], num: str = "laq", den: str = "lookahead") -> dict[int, dict[str, float | None]]:
-    """Per length, ``num``'s added time over ``den``'s: isolated, against ``den``'s separate pass, and paired.
+def ratios(rows: list[CostRow], num: str = "laq", den: str = "lookahead") -> dict[int, dict[str, object]]:
+    """Per length, ``num``'s added time over ``den``'s: isolated (with a 95% interval), against ``den``'s separate pass, and paired.
 
     None where the denominator is not positive: a difference of two timed runs that came out
     at or below zero is below the measurement's noise, not a cost.
@@ -147,10 +171,29 @@ def ratios(rows: list[CostRow], num: str = "laq", den: str = "lookahead") -> dic
             continue
         out[length] = {
             "isolated": a.isolated_ms / b.isolated_ms if b.isolated_ms and b.isolated_ms > 0 else None,
+            "isolated_ci": ratio_interval(a.isolated_runs_ms, b.isolated_runs_ms),
             "separate": a.isolated_ms / b.separate_ms if b.separate_ms and b.separate_ms > 0 else None,
             "paired": a.added_ms / b.added_ms if b.added_ms > 0 and a.added_ms > 0 else None,
         }
     return out
+
+
+def ratio_interval(num: list[float] | None, den: list[float] | None, draws: int = 2000, seed: int = 0) -> list[float | None] | None:
+    """95% bootstrap interval of ``median(num) / median(den)``, each list resampled on its own.
+
+    The upper end is None (unbounded) when more than 2.5% of the resamples have a median
+    denominator at or below zero. None without at least 2 runs on each side.
+    """
+    if not num or not den or len(num) < 2 or len(den) < 2:
+        return None
+    rng = random.Random(seed)
+    values = []
+    for _ in range(draws):
+        d = median(rng.choices(den, k=len(den)))
+        values.append(median(rng.choices(num, k=len(num))) / d if d > 0 else math.inf)
+    values.sort()
+    lo, hi = values[int(0.025 * draws)], values[int(0.975 * draws) - 1]
+    return [lo if math.isfinite(lo) else None, hi if math.isfinite(hi) else None]
 
 
 def ms(value: float | None) -> str | None:
@@ -173,8 +216,14 @@ def markdown(rows: list[CostRow], env: dict, budget: int, reps: int, iso_reps: i
         labels=2,
     )
     times = lambda x: "-" if x is None else f"{x:.1f}x"  # noqa: E731
+
+    def interval(ci) -> str:
+        if not ci or ci[0] is None:
+            return ""
+        return f" [{ci[0]:.1f}, {'unbounded' if ci[1] is None else f'{ci[1]:.1f}'}]"
+
     ratio_lines = [
-        f"- {length} tokens: {times(v['isolated'])} alone"
+        f"- {length} tokens: {times(v['isolated'])}{interval(v.get('isolated_ci'))} alone"
         + (f", {times(v['separate'])} against LookaheadKV as a separate pass" if v.get("separate") else "")
         + f", {times(v['paired'])} paired"
         for length, v in ratios(rows).items()
@@ -194,7 +243,8 @@ def markdown(rows: list[CostRow], env: dict, budget: int, reps: int, iso_reps: i
         f"`{env['command']}`",
         "",
         f"{env['date']} | torch {env['torch']} | transformers {env['transformers']} | {env['threads']} threads | {env['machine']} | "
-        f"medians of {reps} paired repetitions (rotating order) and {iso_reps} isolated runs",
+        f"medians of {reps} paired repetitions and of {iso_reps} isolated runs per method (at least {TAIL_REPS} for "
+        "LookaheadKV's tokens), each in rotating order",
         "",
         "TTFT = prefill + scoring + selection + eviction + first token. *added (paired)*: TTFT minus the plain "
         "prefill's in the same repetition. *added (alone)*: the method's own work timed in isolation (observer "
@@ -208,7 +258,8 @@ def markdown(rows: list[CostRow], env: dict, budget: int, reps: int, iso_reps: i
     if notes:
         lines += ["", *notes]
     if ratio_lines:
-        lines += ["", "LAQ added / LookaheadKV added:", *ratio_lines, f"- paper: {PAPER_RATIO}"]
+        lines += ["", "LAQ added / LookaheadKV added (alone: ratio of the medians, [95% bootstrap interval] over the isolated runs):",
+                  *ratio_lines, f"- paper: {PAPER_RATIO}"]
     return "\n".join(lines) + "\n"
 
 
