@@ -181,6 +181,7 @@ def test_generate_prints_the_answer_and_a_stats_line(tiny_folder):
     assert stats.startswith("[snapkv budget=16]")
     assert "kept/layer 16" in stats
     assert "decode 5 tok" in stats  # the tiny model's eos is never drawn in 5 greedy steps
+    assert "lookahead rows" not in stats  # SnapKV adds no rows to the prefill
 
 
 def test_generate_with_trained_style_modules(tiny_folder, tmp_path):
@@ -196,3 +197,4 @@ def test_generate_with_trained_style_modules(tiny_folder, tmp_path):
     stats = result.stderr.strip().splitlines()[-1]
     prompt_tokens = int(stats.split("prompt ")[1].split(" tok")[0])
     assert f"kept/layer {round(0.5 * prompt_tokens)} " in stats
+    assert "prefill" in stats and "(with 4 lookahead rows)" in stats  # the modules' 4 tokens ran inside the prefill

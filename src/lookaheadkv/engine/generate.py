@@ -35,6 +35,7 @@ class Stats:
     eviction_seconds: float  # scoring + top-k + gather
     decode_seconds: float = 0.0
     new_tokens: int = 0
+    tail_rows: int = 0  # a policy's extra rows inside the prefill (LookaheadKV's tokens): their time is in prefill_seconds
 
     def line(self) -> str:
         kept = sorted(set(self.kept_per_layer))
@@ -42,7 +43,8 @@ class Stats:
         return (
             f"prompt {self.prompt_tokens} tok | kept/layer {kept_txt} | KV {self.kv_bytes_before / 2**20:.2f} MiB"
             f" -> {self.kv_bytes_after / 2**20:.2f} MiB | prefill {self.prefill_seconds:.2f}s"
-            f" | eviction {self.eviction_seconds * 1000:.1f}ms | decode {self.new_tokens} tok in {self.decode_seconds:.2f}s"
+            + (f" (with {self.tail_rows} lookahead rows)" if self.tail_rows else "")
+            + f" | eviction {self.eviction_seconds * 1000:.1f}ms | decode {self.new_tokens} tok in {self.decode_seconds:.2f}s"
         )
 
 
@@ -96,6 +98,7 @@ def generate_ids(
         kv_bytes_after=kv_bytes(done.cache),
         prefill_seconds=state.seconds,
         eviction_seconds=done.score_seconds + done.evict_seconds,
+        tail_rows=state.tail_rows,
     )
     del state.cache  # free the full cache before decoding
     start = time.perf_counter()

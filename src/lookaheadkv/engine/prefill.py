@@ -22,6 +22,7 @@ class Prefill:
     logits: torch.Tensor  # (vocab,) at the last prompt position
     seconds: float = 0.0
     tail_mass: list[torch.Tensor] | None = None  # per layer (heads, L): what the tail's observer took
+    tail_rows: int = 0  # rows that ran after the prompt in the same forward (their entries are cropped)
 
     @property
     def length(self) -> int:
@@ -109,7 +110,7 @@ def prefill(
     if tail is None:
         return Prefill(input_ids, cache, logits, time.perf_counter() - start)
     crop(cache, input_ids.shape[1])
-    return Prefill(input_ids, cache, logits, time.perf_counter() - start, tail_mass=tail.observer.per_layer())
+    return Prefill(input_ids, cache, logits, time.perf_counter() - start, tail_mass=tail.observer.per_layer(), tail_rows=tail.rows)
 
 
 def extend(

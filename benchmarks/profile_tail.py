@@ -1,0 +1,114 @@
+"""Where LookaheadKV's in-prefill cost goes: operator time of the prefill's last forward with its tokens and without.
+
+The cost benchmark times what the lookahead tokens add to a prefill as a difference of two
+wall-clock forwards, which a noisy CPU blurs. This script looks inside instead: the torch
+profiler records the last 256-token forward of a prompt (``bench.common.LastChunk``) with
+the tokens plus scoring, top-k and gather, and the same forward without them, ``--reps``
+times each (alternating), and prints the operators whose summed self time differs most,
+per run on average. The difference of the totals is the tokens' operator time; Python
+overhead between operators is not in it. Usage::
+
+    python benchmarks/profile_tail.py --length 4096 --reps 5 --threads 2
+    python benchmarks/profile_tail.py --model tiny --length 256 --reps 2 --json /tmp/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+
+from lookaheadkv.bench.common import MODELS, LastChunk, bench_model, environment, make_method, markdown_table
+
+
+def profile_once(fn) -> tuple[Counter, Counter]:
+    """Self CPU time (ms) and call count per operator of one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    times, calls = Counter(), Counter()
+    for event in prof.key_averages():
+        times[event.key] += event.self_cpu_time_total / 1000
+        calls[event.key] += event.count
+    return times, calls
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Profile, print the table, write the JSON; returns the results."""
+    import torch
+
+    from lookaheadkv.engine.generate import compress
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="smollm2")
+    parser.add_argument("--length", type=int, default=4096, help="prompt tokens")
+    parser.add_argument("--reps", type=int, default=5, help="profiled runs with the tokens and without, each")
+    parser.add_argument("--budget", type=int, default=128, help="KV entries kept per head and layer")
+    parser.add_argument("--top", type=int, default=12, help="operators listed")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.reps < 1 or args.length < 2:
+        parser.error("--reps must be >= 1 and --length >= 2")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lookaheadkv.bench.common import prompt_ids
+
+    model, tokenizer = bench_model(args.model)
+    env = environment(args.model, model)
+    policy = make_method("lookahead", model, args.budget)
+    last = LastChunk(model, prompt_ids(model, tokenizer, args.length))
+
+    def with_tokens():
+        state = last.run(model, policy.tail(model))
+        compress(model, state, policy, None)
+
+    def without():
+        last.run(model)
+
+    for _ in range(2):  # untimed: allocations, lazy loading
+        with_tokens(), without()
+    totals = {"with": (Counter(), Counter()), "without": (Counter(), Counter())}
+    for rep in range(args.reps):
+        for name, fn in (("with", with_tokens), ("without", without)) if rep % 2 == 0 else (("without", without), ("with", with_tokens)):
+            times, calls = profile_once(fn)
+            totals[name][0].update(times)
+            totals[name][1].update(calls)
+    per_run = {name: {op: t / args.reps for op, t in times.items()} for name, (times, _) in totals.items()}
+    calls = {name: {op: c / args.reps for op, c in counts.items()} for name, (_, counts) in totals.items()}
+    ops = set(per_run["with"]) | set(per_run["without"])
+    diff = sorted(((per_run["with"].get(op, 0.0) - per_run["without"].get(op, 0.0), op) for op in ops), reverse=True)
+    total_with, total_without = sum(per_run["with"].values()), sum(per_run["without"].values())
+    rows = [[op, f"{d:.1f}", f"{calls['with'].get(op, 0):.0f}", f"{calls['without'].get(op, 0):.0f}"] for d, op in diff[: args.top]]
+    report = "\n".join([
+        f"# LookaheadKV's tokens in a prefill's last forward: operator time on {args.model}, {args.length} tokens",
+        "",
+        f"`{env['command']}`",
+        "",
+        f"{env['date']} | torch {env['torch']} | {env['threads']} threads | {env['machine']} | mean of {args.reps} profiled runs each",
+        "",
+        f"Operator self time per run: {total_with:.0f} ms with the tokens (+ scoring, top-k, gather), {total_without:.0f} ms "
+        f"without: **+{total_with - total_without:.0f} ms**.",
+        "",
+        markdown_table(["operator", "+ms per run", "calls with", "calls without"], rows),
+    ])
+    print(report)
+    results = {
+        "environment": env,
+        "length": args.length,
+        "reps": args.reps,
+        "total_ms": {"with": total_with, "without": total_without, "added": total_with - total_without},
+        "added_ms_by_operator": {op: d for d, op in diff},
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
