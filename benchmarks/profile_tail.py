@@ -19,7 +19,7 @@ import json
 import sys
 from collections import Counter
 
-from lookaheadkv.bench.common import MODELS, LastChunk, bench_model, environment, make_method, markdown_table
+from lookaheadkv.bench.common import MODELS, LastChunk, bench_model, environment, make_method, markdown_table, prompt_ids, run_tail
 
 
 def profile_once(fn) -> tuple[Counter, Counter]:
@@ -39,8 +39,6 @@ def main(argv: list[str] | None = None) -> dict:
     """Profile, print the table, write the JSON; returns the results."""
     import torch
 
-    from lookaheadkv.engine.generate import compress
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="smollm2")
     parser.add_argument("--length", type=int, default=4096, help="prompt tokens")
@@ -55,16 +53,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lookaheadkv.bench.common import prompt_ids
-
     model, tokenizer = bench_model(args.model)
     env = environment(args.model, model)
     policy = make_method("lookahead", model, args.budget)
     last = LastChunk(model, prompt_ids(model, tokenizer, args.length))
 
     def with_tokens():
-        state = last.run(model, policy.tail(model))
-        compress(model, state, policy, None)
+        run_tail(model, last, policy)
 
     def without():
         last.run(model)

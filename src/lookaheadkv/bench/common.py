@@ -223,6 +223,11 @@ class LastChunk:
         return Prefill(self.input_ids, prompt, logits, tail_mass=tail.observer.per_layer() if tail is not None else None)
 
 
+def run_tail(model, last: LastChunk, policy) -> None:
+    """The last forward with ``policy``'s tail, then its scoring, selection and eviction."""
+    compress(model, last.run(model, policy.tail(model)), policy, None)
+
+
 def tail_work(model, last: LastChunk, policy, clock: Clock, rep: int = 0) -> float:
     """Seconds a tail method adds: its last forward with the tail plus scoring, selection and eviction, minus the same forward without.
 
@@ -232,8 +237,7 @@ def tail_work(model, last: LastChunk, policy, clock: Clock, rep: int = 0) -> flo
     for with_tail in ((False, True) if rep % 2 == 0 else (True, False)):
         start = clock.mark()
         if with_tail:
-            state = last.run(model, policy.tail(model))
-            compress(model, state, policy, None)
+            run_tail(model, last, policy)
         else:
             last.run(model)
         times[with_tail] = clock.seconds(start, clock.mark())
