@@ -111,14 +111,26 @@ def _attention(module, query, key, value, attention_mask=None, dropout=0.0, scal
         return _explicit(query, key, value, scaling, takers), None
     for observe in observers:
         observe(module.layer_idx, query, key, scaling)
-    mask = None if q == k else tail_causal_mask(q, k, query.device)
+    mask = None
     padding = getattr(_state, "padding", None)
     if padding is not None:  # decode_batch over ragged caches: (batch, 1, 1, k) real entries
         mask = padding[module.layer_idx]
         if mask.shape[-1] < k:  # the entries appended since (the new tokens) are real
             mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], k - mask.shape[-1])], dim=-1)
             padding[module.layer_idx] = mask
-    out = F.scaled_dot_product_attention(
+    return _kernel(query, key, value, scaling, mask).transpose(1, 2).contiguous(), None
+
+
+def _kernel(query, key, value, scaling, mask=None):
+    """The fused attention kernel over all of ``key`` (1, H, q, d); causal unless ``mask`` is given.
+
+    The one call every non-explicit attention goes through, so a prefill with a tail gives
+    its prompt rows exactly what a plain prefill does.
+    """
+    q, k = query.shape[2], key.shape[2]
+    if mask is None and q != k:
+        mask = tail_causal_mask(q, k, query.device)
+    return F.scaled_dot_product_attention(
         query,
         key,
         value,
@@ -127,7 +139,6 @@ def _attention(module, query, key, value, attention_mask=None, dropout=0.0, scal
         scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
     )
-    return out.transpose(1, 2).contiguous(), None
 
 
 def _prefill_with_tail(module, query, key, value, scaling, observers, tail):
@@ -142,14 +153,7 @@ def _prefill_with_tail(module, query, key, value, scaling, observers, tail):
     prompt = tuple(t[:, :, :k] for t in (key, value))
     for observe in observers:
         observe(module.layer_idx, query[:, :, :q], prompt[0], scaling)
-    head = F.scaled_dot_product_attention(
-        query[:, :, :q],
-        *prompt,
-        attn_mask=None if q == k else tail_causal_mask(q, k, query.device),
-        is_causal=q == k and q > 1,
-        scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )
+    head = _kernel(query[:, :, :q], *prompt, scaling)
     tail.observer.layer = module.layer_idx
     rows = _explicit(query[:, :, q:], key, value, scaling, [tail.observer])  # (1, n, heads, d)
     return torch.cat([head.transpose(1, 2), rows], dim=1)
