@@ -20,7 +20,6 @@ import torch
 
 from lookaheadkv.bench import METHODS, PLAIN, bench_model, make_method, measure, memory, ratios
 from lookaheadkv.bench.common import prompt_ids
-from lookaheadkv.bench.cost import TAIL_REPS
 from lookaheadkv.cli import app
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -41,14 +40,14 @@ def fake_peak_rss(model_name, method, length, budget, threads=None):
 def test_cost_measures_every_method_at_every_length():
     model, tokenizer = bench_model("tiny")
     methods = {m: make_method(m, model, 16) for m in METHODS if m != PLAIN}
-    rows = measure(model, tokenizer, [64, 128], methods, reps=1, iso_reps=1)
+    rows = measure(model, tokenizer, [64, 128], methods, reps=1, iso_reps=1, tail_reps=3)
     assert sorted((r.method, r.length) for r in rows) == sorted((m, n) for m in METHODS for n in (64, 128))
     for row in rows:
         assert row.ttft_ms > 0 and row.prefill_ms > 0
         if row.method == PLAIN:
             assert row.isolated_ms is None and row.added_ms == 0
         elif row.method == "lookahead":  # a difference of two timed forwards (with and without its tokens)
-            assert row.isolated_ms is not None and row.separate_ms > 0 and len(row.isolated_runs_ms) == TAIL_REPS
+            assert row.isolated_ms is not None and row.separate_ms > 0 and len(row.isolated_runs_ms) == 3
         else:
             assert row.isolated_ms > 0 and row.share_pct > 0 and row.separate_ms is None and len(row.isolated_runs_ms) == 1
     assert set(ratios(rows)) == {64, 128}
@@ -81,7 +80,7 @@ def test_last_chunk_reproduces_the_prefill_with_and_without_the_tail():
 
 def test_bench_command_writes_results_table_and_plot(tmp_path):
     out = tmp_path / "cost"
-    args = ["bench", "--model", "tiny", "--lengths", "64,128", "--reps", "1", "--iso-reps", "1", "--budget", "16",
+    args = ["bench", "--model", "tiny", "--lengths", "64,128", "--reps", "1", "--iso-reps", "1", "--tail-reps", "2", "--budget", "16",
             "--methods", "snapkv,lookahead,laq", "--no-memory", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -90,6 +89,8 @@ def test_bench_command_writes_results_table_and_plot(tmp_path):
     assert set(results["laq_over_lookahead"]) == {"64", "128"}
     table = (out / "table.md").read_text()
     assert "| laq | 128 |" in table and "LAQ added / LookaheadKV added" in table
+    assert "of 1 isolated runs per method (2 for LookaheadKV's tokens)" in table
+    assert [len(r["isolated_runs_ms"]) for r in results["rows"] if r["method"] == "lookahead"] == [2, 2]
     assert (out / "cost.png").read_bytes()[:4] == b"\x89PNG"
     # --report-only rebuilds the same table from results.json without timing anything
     (out / "table.md").unlink()
@@ -130,6 +131,12 @@ def test_ratio_interval_brackets_the_ratio_of_medians_and_widens_with_noise():
 def test_bench_command_rejects_unknown_methods(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--model", "tiny", "--methods", "snapkv,nope", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "nope" in result.output
+
+
+def test_bench_command_rejects_a_repetition_count_below_one(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny", "--tail-reps", "0", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "--tail-reps" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_gpu_script_tiny_path_runs_on_the_cpu(tmp_path):
@@ -181,3 +188,13 @@ def test_profile_tail_script_finds_the_tokens_attention_rows(tmp_path):
     total = results["total_ms"]
     assert total["added"] == pytest.approx(total["with"] - total["without"])
     assert json.loads((tmp_path / "p.json").read_text())["length"] == 300
+
+
+def test_spread_places_fewer_runs_evenly_over_the_rounds():
+    from lookaheadkv.bench.cost import spread
+
+    held = [r for r in range(200) if spread(r, 40, 200)]
+    assert len(held) == 40
+    assert {b - a for a, b in zip(held, held[1:])} == {5}  # one run every 5 rounds, not the first 40 rounds
+    assert all(spread(r, 15, 15) for r in range(15)) and all(spread(r, 20, 15) for r in range(15))
+    assert sum(spread(r, 7, 30) for r in range(30)) == 7

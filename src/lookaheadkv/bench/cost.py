@@ -44,7 +44,8 @@ from .common import (
 )
 
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in (PLAIN, "oracle"))
-#: At least this many repetitions for a tail method's isolated time (a difference of two ~1 s forwards at 4K on a CPU).
+#: Default repetitions of a tail method's isolated time (each a difference of two ~1.5 s forwards at 4K on a CPU);
+#: a tail method always gets at least ``iso_reps``.
 TAIL_REPS = 15
 #: The paper's headline (Llama-3.1-8B on a GPU, 32K tokens, budget 128): LAQ adds 554 ms, LookaheadKV 38 ms.
 PAPER_RATIO = "LAQ 554 ms / LookaheadKV 38 ms = 14.5x (Llama-3.1-8B, GPU, 32K tokens, budget 128)"
@@ -75,12 +76,13 @@ def measure(
     *,
     reps: int = 3,
     iso_reps: int = 5,
+    tail_reps: int = TAIL_REPS,
     log: Callable[[str], None] | None = None,
 ) -> list[CostRow]:
     """Time every method (plus the plain prefill) at every length; one row per (length, method).
 
     ``methods`` maps names to policies (see :func:`~lookaheadkv.bench.common.make_method`).
-    Before timing, every method runs once at the shortest length (lazy initialisation and
+    A tail method's own work is timed ``max(iso_reps, tail_reps)`` times. Before timing, every method runs once at the shortest length (lazy initialisation and
     first-call allocations are not timed).
     """
     log = log or (lambda text: None)
@@ -100,7 +102,7 @@ def measure(
             last.run(model, policies[name].tail(model))
         plain = runs[PLAIN]
         plain_prefill = median([t.prefill for t in plain])
-        isolated = isolated_runs(model, state, capture, last, policies, tails, iso_reps, clock, log, length)
+        isolated = isolated_runs(model, state, capture, last, policies, tails, iso_reps, clock, log, length, tail_reps)
         for name, policy in policies.items():
             alone, separate = isolated.get(name, ([], []))
             rows.append(
@@ -120,31 +122,41 @@ def measure(
     return rows
 
 
-def isolated_runs(model, state, capture, last, policies: dict, tails: set, iso_reps: int, clock, log, length: int) -> dict:
+def isolated_runs(
+    model, state, capture, last, policies: dict, tails: set, iso_reps: int, clock, log, length: int, tail_reps: int = TAIL_REPS
+) -> dict:
     """Every method's own work timed alone: per name, (seconds of each run, seconds of each separate-pass run).
 
     The methods take turns, one run each per round in an order that rotates every round (as
     :func:`~lookaheadkv.bench.common.paired_runs` does), so a machine that drifts over the
     minutes of a length drifts under all of them alike and their ratios stay comparable. A
-    tail method gets at least ``TAIL_REPS`` runs (each a difference of two timed forwards:
-    noisier) and ``iso_reps`` of its separate pass.
+    tail method gets ``max(iso_reps, tail_reps)`` runs (each a difference of two timed forwards:
+    noisier) and ``iso_reps`` of its separate pass. When the tail has more rounds than the
+    others, their runs are spread evenly over all the rounds (:func:`spread`), not bunched at
+    the start.
     """
     names = [name for name, policy in policies.items() if policy is not None]
-    reps = {name: max(iso_reps, TAIL_REPS) if name in tails else iso_reps for name in names}
+    reps = {name: max(iso_reps, tail_reps) if name in tails else iso_reps for name in names}
+    rounds = max(reps.values(), default=0)
     out = {name: ([], []) for name in names}
-    log(f"{length} tokens: each method's own work alone, {max(reps.values(), default=0)} rounds")
-    for rnd in range(max(reps.values(), default=0)):
+    log(f"{length} tokens: each method's own work alone, {rounds} rounds")
+    for rnd in range(rounds):
         shift = rnd % len(names)
         for name in names[shift:] + names[:shift]:
             policy = policies[name]
-            if rnd < reps[name]:
+            if spread(rnd, reps[name], rounds):
                 if name in tails:
                     out[name][0].append(tail_work(model, last, policy, clock, rnd))
                 else:
                     out[name][0].append(added_work(model, state, capture, policy, clock))
-            if name in tails and rnd < iso_reps:
+            if name in tails and spread(rnd, iso_reps, rounds):
                 out[name][1].append(added_work(model, state, capture, policy, clock))
     return out
+
+
+def spread(rnd: int, runs: int, rounds: int) -> bool:
+    """Whether round ``rnd`` of ``rounds`` holds one of ``runs`` runs spaced evenly over them (all when ``runs >= rounds``)."""
+    return (rnd + 1) * runs // rounds > rnd * runs // rounds
 
 
 def add_memory(rows: list[CostRow], model_name: str, budget: int, threads: int | None, jobs: int) -> float:
@@ -203,7 +215,7 @@ def ms(value: float | None) -> str | None:
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
 
 
-def markdown(rows: list[CostRow], env: dict, budget: int, reps: int, iso_reps: int) -> str:
+def markdown(rows: list[CostRow], env: dict, budget: int, reps: int, iso_reps: int, tail_reps: int = TAIL_REPS) -> str:
     """The results as a markdown report: the command, the setup, the table and the LAQ / LookaheadKV ratios."""
     order = {m: i for i, m in enumerate(METHODS)}
     table = markdown_table(
@@ -243,7 +255,7 @@ def markdown(rows: list[CostRow], env: dict, budget: int, reps: int, iso_reps: i
         f"`{env['command']}`",
         "",
         f"{env['date']} | torch {env['torch']} | transformers {env['transformers']} | {env['threads']} threads | {env['machine']} | "
-        f"medians of {reps} paired repetitions and of {iso_reps} isolated runs per method (at least {TAIL_REPS} for "
+        f"medians of {reps} paired repetitions and of {iso_reps} isolated runs per method ({max(iso_reps, tail_reps)} for "
         "LookaheadKV's tokens), each in rotating order",
         "",
         "TTFT = prefill + scoring + selection + eviction + first token. *added (paired)*: TTFT minus the plain "
@@ -306,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=int, default=128, help="KV entries kept per head and layer")
     parser.add_argument("--reps", type=int, default=3, help="paired repetitions per length")
     parser.add_argument("--iso-reps", type=int, default=5, help="isolated timings of each method's own work per length")
+    parser.add_argument("--tail-reps", type=int, default=TAIL_REPS,
+                        help="isolated timings of LookaheadKV's in-prefill tokens per length (at least --iso-reps): each is a "
+                             "difference of two forwards, the noisiest figure, so it gets more")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--jobs", type=int, default=1, help="memory processes run at once (peaks are per process)")
@@ -323,7 +338,7 @@ def report_only(out: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError) as err:
         print(f"error: cannot read {path} ({type(err).__name__}): run the benchmark into --out first", file=sys.stderr)
         raise SystemExit(2) from None
-    report = markdown(rows, results["environment"], results["budget"], results["reps"], results["iso_reps"])
+    report = markdown(rows, results["environment"], results["budget"], results["reps"], results["iso_reps"], results.get("tail_reps", TAIL_REPS))
     results["laq_over_lookahead"] = {str(k): v for k, v in ratios(rows).items()}
     path.write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(report)
@@ -340,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(args.methods) - set(METHODS) - {PLAIN})
     if unknown:
         parser.error(f"unknown methods {', '.join(unknown)}; choose from: {', '.join(m for m in METHODS if m != PLAIN)}")
+    if min(args.reps, args.iso_reps, args.tail_reps, args.budget) < 1:
+        parser.error("--reps, --iso-reps, --tail-reps and --budget must be at least 1")
     if args.report_only:
         print(report_only(args.out))
         return
@@ -350,18 +367,19 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(args.model, model)
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     policies = {m: make_method(m, model, args.budget) for m in methods}
-    rows = measure(model, tokenizer, args.lengths, policies, reps=args.reps, iso_reps=args.iso_reps, log=log)
+    rows = measure(model, tokenizer, args.lengths, policies, reps=args.reps, iso_reps=args.iso_reps, tail_reps=args.tail_reps, log=log)
     baseline = None
     if not args.no_memory:
         log(f"peak memory: {len(rows) + 1} fresh processes")
         baseline = add_memory(rows, args.model, args.budget, args.threads, args.jobs)
-    report = markdown(rows, env, args.budget, args.reps, args.iso_reps)
+    report = markdown(rows, env, args.budget, args.reps, args.iso_reps, args.tail_reps)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {
         "environment": env,
         "budget": args.budget,
         "reps": args.reps,
         "iso_reps": args.iso_reps,
+        "tail_reps": args.tail_reps,
         "speckv_draft": SPECKV_DRAFT,
         "baseline_mib": baseline,
         "laq_over_lookahead": {str(k): v for k, v in ratios(rows).items()},
