@@ -151,6 +151,8 @@ def isolated_runs(
                     out[name][0].append(added_work(model, state, capture, policy, clock))
             if name in tails and spread(rnd, iso_reps, rounds):
                 out[name][1].append(added_work(model, state, capture, policy, clock))
+        if rounds >= 20 and (rnd + 1) % (rounds // 10) == 0:
+            log(f"{length} tokens: {rnd + 1} of {rounds} rounds")
     return out
 
 
