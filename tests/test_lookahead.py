@@ -199,6 +199,25 @@ def test_applied_hooks_are_removed_even_after_an_error():
     assert not torch.allclose(inside, before, atol=1e-4)
 
 
+def test_adapter_weights_updated_in_place_reach_the_next_prefill():
+    model = tiny_model("llama", seed=1)
+    ids = random_ids(60, seed=40)
+    modules = make_modules(model, seed=41)
+    before = prefill(model, ids, tail=modules.tail(model)).tail_mass
+    again = prefill(model, ids, tail=modules.tail(model)).tail_mass
+    assert all(torch.equal(a, b) for a, b in zip(before, again))
+    # an in-place update (as an optimizer step or load_state_dict makes) must reach the next prefill
+    randomize_lora_b(modules, seed=42)
+    with torch.no_grad():
+        modules.lora_A["1_up_proj"].mul_(2.0)
+    after = prefill(model, ids, tail=modules.tail(model)).tail_mass
+    fresh = LookaheadModules(modules.config)
+    fresh.load_state_dict(modules.state_dict())
+    reference = prefill(model, ids, tail=fresh.tail(model)).tail_mass
+    assert all(torch.equal(a, b) for a, b in zip(after, reference))
+    assert max(float((a - b).abs().max()) for a, b in zip(after, before)) > 1e-4
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_changes_the_lookahead_tokens_only_when_b_is_nonzero(arch):
     model = tiny_model(arch, seed=1)

@@ -194,23 +194,24 @@ class LookaheadModules(nn.Module):
                 h.remove()
 
     def _hook(self, key: str, last: int | None = None):
-        # A^T and the scaled B^T are formed once per applied() block, not once per call
-        # (inside the block, so gradients reach lora_A / lora_B when training)
-        a_t, b_t = self.lora_A[key].T, self.lora_B[key].T * self.config.scaling
+        # views of the parameters, taken inside the block so gradients reach lora_A / lora_B when
+        # training; the scaling multiplies the rank-r intermediate (or is addmm's alpha), never a
+        # copy of B
+        a_t, b_t, scaling = self.lora_A[key].T, self.lora_B[key].T, self.config.scaling
 
         def add_lora(module, args, output):
-            x = args[0]
+            x, rows = args[0], output
             if last is not None:
                 if torch.is_grad_enabled():
                     raise RuntimeError("adapters on the last positions only are for inference (no grad)")
-                rows = output[:, -last:]
-                rows.add_(((x[:, -last:].to(a_t.dtype) @ a_t) @ b_t).to(rows.dtype))  # in place: the prompt's rows untouched
+                x, rows = x[:, -last:], output[:, -last:]  # updated in place below: the prompt's rows untouched
+            if not torch.is_grad_enabled() and rows.dim() == 3 and rows.shape[0] == 1 and x.dtype == a_t.dtype == rows.dtype:
+                rows[0].addmm_(x[0] @ a_t, b_t, alpha=scaling)  # inference: one fused multiply-add, no temporary
                 return output
-            if x.dtype != a_t.dtype:
-                return output + ((x.to(a_t.dtype) @ a_t) @ b_t).to(output.dtype)
-            delta = (x @ a_t) @ b_t
-            if not torch.is_grad_enabled():
-                return output.add_(delta)  # inference: no new (tokens x out) tensor per linear
+            delta = (((x.to(a_t.dtype) @ a_t) * scaling) @ b_t).to(output.dtype)
+            if last is not None or not torch.is_grad_enabled():
+                rows.add_(delta)
+                return output
             return output + delta
 
         return add_lora
