@@ -82,8 +82,9 @@ def measure(
     """Time every method (plus the plain prefill) at every length; one row per (length, method).
 
     ``methods`` maps names to policies (see :func:`~lookaheadkv.bench.common.make_method`).
-    A tail method's own work is timed ``max(iso_reps, tail_reps)`` times. Before timing, every method runs once at the shortest length (lazy initialisation and
-    first-call allocations are not timed).
+    A tail method's own work is timed ``max(iso_reps, tail_reps)`` times. Before timing, every
+    method runs once at the shortest length (lazy initialisation and first-call allocations are
+    not timed).
     """
     log = log or (lambda text: None)
     clock = Clock(model.device)
