@@ -183,8 +183,9 @@ def test_profile_tail_script_finds_the_tokens_attention_rows(tmp_path):
     profile_tail = load_script("profile_tail")
     results = profile_tail.main(["--model", "tiny", "--length", "300", "--reps", "1", "--json", str(tmp_path / "p.json")])
     added = results["added_ms_by_operator"]
-    # the tokens' explicit attention rows (batched matmuls) and softmax exist only in the run with them
-    assert added["aten::bmm"] > 0 and added["aten::_softmax"] > 0 and added["aten::topk"] > 0
+    # the tokens' explicit attention rows (per-KV-head matmuls), their softmax and the top-k exist
+    # only in the run with them
+    assert added["aten::mm"] > 0 and added["aten::_softmax"] > 0 and added["aten::topk"] > 0
     total = results["total_ms"]
     assert total["added"] == pytest.approx(total["with"] - total["without"])
     assert json.loads((tmp_path / "p.json").read_text())["length"] == 300

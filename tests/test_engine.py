@@ -528,3 +528,36 @@ def test_decode_batch_pads_caches_of_different_sizes():
         assert decode_batch(model, caches, state.logits, state.length, NEW_TOKENS, eos_token_ids=[eos]) != expected
     finally:
         AttentionInterface.register(attention.ATTN_NAME, original)
+
+
+@pytest.mark.parametrize("rows,keys,offset", [(5, 12, 7), (4, 9, 2), (1, 6, 5), (3, 3, 0)])
+def test_attention_rows_equal_a_causal_softmax_over_repeated_keys(rows, keys, offset):
+    """The explicit rows (one matmul per KV head on the CPU) against softmax(QK^T) with the GQA keys repeated and the causal mask built here."""
+    from lookaheadkv.engine.attention import attention_rows
+
+    g = torch.Generator().manual_seed(rows * 100 + keys)
+    heads, kv_heads, dim = 6, 2, 8
+    query, key = torch.randn(heads, rows, dim, generator=g), torch.randn(kv_heads, keys, dim, generator=g)
+    logits = query @ key.repeat_interleave(heads // kv_heads, dim=0).transpose(-1, -2) * dim**-0.5
+    visible = torch.arange(keys)[None, :] <= torch.arange(rows)[:, None] + offset  # row i at position offset + i
+    expected = logits.masked_fill(~visible, float("-inf")).softmax(-1)
+    got = attention_rows(query, key, dim**-0.5, row_offset=offset)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # with autograd recording (training: the batched path), the same rows, and gradients reach the queries
+    query.requires_grad_(True)
+    with_grad = attention_rows(query, key, dim**-0.5, row_offset=offset)
+    torch.testing.assert_close(with_grad.detach(), expected, rtol=1e-5, atol=1e-6)
+    with_grad[..., 0].sum().backward()
+    assert query.grad.abs().sum() > 0
+
+
+def test_gather_keeps_each_heads_own_entries_in_order():
+    from lookaheadkv.engine.cache import from_tensors, gather, layer_kv
+
+    keys = torch.arange(3 * 7 * 4, dtype=torch.float32).view(1, 3, 7, 4)
+    values = -keys
+    kept = torch.tensor([[0, 2, 6], [1, 3, 4], [5, 6, 6]])
+    out_k, out_v = layer_kv(gather(from_tensors([(keys, values)]), [kept]), 0)
+    for h in range(3):
+        assert torch.equal(out_k[0, h], keys[0, h, kept[h]]) and torch.equal(out_v[0, h], values[0, h, kept[h]])
+    assert out_k.shape == (1, 3, 3, 4) and out_k.is_contiguous() and out_k.data_ptr() != keys.data_ptr()

@@ -23,6 +23,7 @@ explicit probability rows that the tail's observer takes.
 
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
@@ -52,23 +53,43 @@ def tail_causal_mask(q: int, k: int, device: torch.device) -> torch.Tensor | Non
     return cols <= rows + (k - q)
 
 
+def _per_head_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` batched over the KV heads (dim 0): (kv_heads, m, x) @ (kv_heads, x, n).
+
+    On the CPU one ``mm`` per head, each on every thread: one ``bmm`` over a batch of a few
+    heads shares the heads out between the threads (3 heads on 2 threads: one thread idles a
+    third of the time), about 10% slower on SmolLM2's 3 KV heads here (same result: each head
+    is the same matmul). Elsewhere, and when autograd records (training), one batched kernel.
+    """
+    if a.device.type != "cpu" or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return torch.matmul(a, b)
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.result_type(a, b), device=a.device)
+    for h in range(a.shape[0]):
+        torch.mm(a[h], b[h], out=out[h])
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _hidden_block(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """(rows, cols) boolean, True where j >= i: row i cannot see column j of the columns after its offset."""
+    return torch.ones(rows, cols, dtype=torch.bool, device=device).triu()
+
+
 def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, row_offset: int) -> torch.Tensor:
     """Softmax attention of query rows over all keys, causal: (heads, rows, k).
 
     ``query`` (heads, rows, d) holds rows at absolute positions ``row_offset ..`` and ``key``
     (kv_heads, k, d) the keys (not repeated over the GQA group: each group's query rows are
-    multiplied against their KV head in one batched matmul, so no copy of the cache is made).
+    multiplied against their KV head, so no copy of the cache is made).
     Row i sees keys ``0 .. row_offset + i``; only the columns after ``row_offset`` can be masked.
     """
     heads, rows, dim = query.shape
     kv_heads, k = key.shape[0], key.shape[1]
-    grouped = query.reshape(kv_heads, (heads // kv_heads) * rows, dim) * scaling  # scale the rows, not rows x k logits
-    logits = torch.matmul(grouped, key.transpose(-1, -2)).view(heads, rows, k).float()
-    first = row_offset + 1  # the first column that some row cannot see
+    grouped = (query * scaling).reshape(kv_heads, (heads // kv_heads) * rows, dim)  # scale the rows, not rows x k logits
+    logits = _per_head_matmul(grouped, key.transpose(-1, -2)).view(heads, rows, k).float()
+    first = row_offset + 1  # the first column that some row cannot see: row i sees column first + j iff j < i
     if first < k:
-        cols = torch.arange(first, k, device=key.device)[None, :]
-        hidden = cols > torch.arange(rows, device=key.device)[:, None] + row_offset  # (rows, k - first)
-        logits[..., first:].masked_fill_(hidden, float("-inf"))
+        logits[..., first:].masked_fill_(_hidden_block(rows, k - first, key.device), float("-inf"))
     return logits.softmax(dim=-1)
 
 
@@ -85,7 +106,7 @@ def _explicit(query, key, value, scaling, observers):
         observe.take_probs(probs, q, k)
     kv_heads = key.shape[1]
     grouped = probs.to(value.dtype).reshape(kv_heads, -1, k)  # (kv_heads, group * q, k)
-    out = torch.matmul(grouped, value[0]).view(query.shape[1], q, -1)  # (heads, q, d)
+    out = _per_head_matmul(grouped, value[0]).view(query.shape[1], q, -1)  # (heads, q, d)
     return out.transpose(0, 1)[None].contiguous()
 
 
