@@ -188,6 +188,7 @@ def test_profile_tail_script_finds_the_tokens_attention_rows(tmp_path):
     assert added["aten::mm"] > 0 and added["aten::_softmax"] > 0 and added["aten::topk"] > 0
     total = results["total_ms"]
     assert total["added"] == pytest.approx(total["with"] - total["without"])
+    assert 0 < results["tail_rows_ms"] < total["with"]  # the named range around the rows was recorded
     assert json.loads((tmp_path / "p.json").read_text())["length"] == 300
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 ATTN_NAME = "lookaheadkv"
+TAIL_ROWS = "lookaheadkv::tail_rows"  # profiler range around a tail's explicit attention rows
 
 # observer(layer_idx, query, key, scaling); query (1, heads, q, d), key (1, kv_heads, k, d)
 Observer = Callable[[int, torch.Tensor, torch.Tensor, float], None]
@@ -176,7 +177,8 @@ def _prefill_with_tail(module, query, key, value, scaling, observers, tail):
         observe(module.layer_idx, query[:, :, :q], prompt[0], scaling)
     head = _kernel(query[:, :, :q], *prompt, scaling)
     tail.observer.layer = module.layer_idx
-    rows = _explicit(query[:, :, q:], key, value, scaling, [tail.observer])  # (1, n, heads, d)
+    with torch.profiler.record_function(TAIL_ROWS):  # a named range for benchmarks/profile_tail.py
+        rows = _explicit(query[:, :, q:], key, value, scaling, [tail.observer])  # (1, n, heads, d)
     return torch.cat([head.transpose(1, 2), rows], dim=1)
 
 
