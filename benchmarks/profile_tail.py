@@ -6,8 +6,8 @@ profiler records the last 256-token forward of a prompt (``bench.common.LastChun
 the tokens plus scoring, top-k and gather, and the same forward without them, ``--reps``
 times each (alternating), and prints the operators whose summed self time differs most,
 per run on average, and the time inside the named range around the tokens' attention rows
-(``lookaheadkv::tail_rows``, recorded by the engine). The difference of the totals is the tokens' operator time; Python
-overhead between operators is not in it. Usage::
+(``lookaheadkv::tail_rows``, recorded by the engine). The difference of the totals is the
+tokens' operator time; Python overhead between operators is not in it. Usage::
 
     python benchmarks/profile_tail.py --length 4096 --reps 5 --threads 2
     python benchmarks/profile_tail.py --model tiny --length 256 --reps 2 --json /tmp/profile.json
