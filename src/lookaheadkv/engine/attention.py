@@ -60,8 +60,8 @@ def _per_head_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     On the CPU one ``mm`` per head, each on every thread: one ``bmm`` over a batch of a few
     heads shares the heads out between the threads (3 heads on 2 threads: one thread idles a
     third of the time), measurably slower with SmolLM2's 3 KV heads on this project's 2-core
-    machines (same result: each head is the same matmul). Elsewhere, and when autograd records
-    (training), one batched kernel.
+    machines (the same matmul per head, so the same result up to float rounding). Elsewhere, and
+    when autograd records (training), one batched kernel.
     """
     if a.device.type != "cpu" or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
         return torch.matmul(a, b)
