@@ -201,11 +201,50 @@ def ratio_interval(num: list[float] | None, den: list[float] | None, draws: int 
     """
     if not num or not den or len(num) < 2 or len(den) < 2:
         return None
+    return _bootstrap([(num, den)], draws, seed)
+
+
+def pooled_ratio(runs: list[tuple[list[float], list[float]]], draws: int = 2000, seed: int = 0) -> tuple[float | None, list[float | None] | None]:
+    """Several benchmark runs combined: the geometric mean of their ratios of medians, and its 95% interval.
+
+    ``runs`` holds one ``(num, den)`` pair of timing lists per benchmark run. Each run's ratio
+    compares the two methods under that run's machine state; the runs weigh equally. (Pooling
+    all timings into one median per method would mix machine states: a fast run's cheap
+    timings and a slow run's dear ones make medians that no single state has.) The bootstrap
+    resamples within each run. The ratio is None when a run's denominator median is not
+    positive; the interval is None unless every run has at least 2 timings on each side.
+    """
+    if not runs or any(not n or not d for n, d in runs):
+        return None, None
+    ratio = _geomean_ratio([(median(n), median(d)) for n, d in runs])
+    if any(len(n) < 2 or len(d) < 2 for n, d in runs):
+        return ratio, None
+    return ratio, _bootstrap(runs, draws, seed)
+
+
+def _geomean_ratio(medians: list[tuple[float, float]]) -> float | None:
+    if any(d <= 0 or n <= 0 for n, d in medians):
+        return None
+    if len(medians) == 1:
+        return medians[0][0] / medians[0][1]
+    return math.exp(sum(math.log(n / d) for n, d in medians) / len(medians))
+
+
+def _bootstrap(strata: list[tuple[list[float], list[float]]], draws: int, seed: int) -> list[float | None]:
+    """95% interval of the geometric mean of the strata's ratios of medians, each list resampled within its stratum.
+
+    With one stratum this is the ratio of the two medians. A resample whose denominator median
+    is not positive counts as unbounded.
+    """
     rng = random.Random(seed)
     values = []
     for _ in range(draws):
-        d = median(rng.choices(den, k=len(den)))
-        values.append(median(rng.choices(num, k=len(num))) / d if d > 0 else math.inf)
+        medians = []
+        for n, d in strata:
+            m = median(rng.choices(d, k=len(d)))
+            medians.append((median(rng.choices(n, k=len(n))), m))
+        ratio = _geomean_ratio(medians) if all(m > 0 for _, m in medians) else math.inf
+        values.append(math.inf if ratio is None else ratio)
     values.sort()
     lo, hi = values[int(0.025 * draws)], values[int(0.975 * draws) - 1]
     return [lo if math.isfinite(lo) else None, hi if math.isfinite(hi) else None]
