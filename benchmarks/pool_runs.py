@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from lookaheadkv.bench.common import markdown_table, median
-from lookaheadkv.bench.cost import pooled_ratio, ratio_interval
+from lookaheadkv.bench.cost import format_ratio, pooled_ratio
 
 
 def fail(message: str) -> None:
@@ -48,14 +48,6 @@ def load_run(path: Path, length: int, num: str, den: str) -> dict:
     return {"path": str(file), "date": env.get("date"), "command": env.get("command"), "num": runs[num], "den": runs[den]}
 
 
-def fmt_ratio(ratio, interval) -> str:
-    text = "-" if ratio is None else f"{ratio:.1f}x"
-    if interval:
-        hi = "unbounded" if interval[1] is None else f"{interval[1]:.1f}"
-        text += f" [{interval[0]:.1f}, {hi}]" if interval[0] is not None else ""
-    return text
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Read the runs, print the table, write the JSON; returns the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -69,13 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [load_run(path, args.length, args.num, args.den) for path in args.runs]
     table = []
     for run in runs:
-        ratio = median(run["num"]) / median(run["den"]) if median(run["den"]) > 0 else None
-        run["ratio"], run["interval"] = ratio, ratio_interval(run["num"], run["den"])
+        run["ratio"], run["interval"] = pooled_ratio([(run["num"], run["den"])])  # one run: its ratio of medians
         table.append([run["path"], run["date"], f"{median(run['num']):.0f}", f"{median(run['den']):.0f}",
-                      f"{len(run['num'])} / {len(run['den'])}", fmt_ratio(ratio, run["interval"])])
+                      f"{len(run['num'])} / {len(run['den'])}", format_ratio(run["ratio"], run["interval"])])
     ratio, interval = pooled_ratio([(run["num"], run["den"]) for run in runs])
     counts = f"{sum(len(run['num']) for run in runs)} / {sum(len(run['den']) for run in runs)}"
-    table.append([f"**{len(runs)} runs combined** (geometric mean)", None, None, None, counts, f"**{fmt_ratio(ratio, interval)}**"])
+    table.append([f"**{len(runs)} runs combined** (geometric mean)", None, None, None, counts, f"**{format_ratio(ratio, interval)}**"])
     print(markdown_table(["run", "date", f"{args.num} ms", f"{args.den} ms", "timings", f"{args.num} / {args.den} [95% interval]"], table))
     results = {
         "length": args.length,

@@ -151,6 +151,14 @@ def test_pooled_ratio_combines_runs_by_their_own_ratios_and_narrows_with_more_ru
     assert pooled_ratio([]) == (None, None) and pooled_ratio([(laq, [])]) == (None, None)
 
 
+def test_format_ratio_prints_the_interval_only_when_it_has_a_lower_end():
+    from lookaheadkv.bench.cost import format_ratio
+
+    assert format_ratio(10.93, [8.81, 13.94]) == "10.9x [8.8, 13.9]"
+    assert format_ratio(32.2, [6.4, None]) == "32.2x [6.4, unbounded]"
+    assert format_ratio(9.0, [None, None]) == "9.0x" and format_ratio(9.0) == "9.0x" and format_ratio(None) == "-"
+
+
 def write_run(path: Path, laq: list[float], tokens: list[float], length: int = 4096) -> Path:
     row = lambda method, runs: {"method": method, "length": length, "isolated_runs_ms": runs}  # noqa: E731
     path.write_text(json.dumps({"environment": {"date": "2026-11-29T12:00:00", "command": "lookaheadkv bench"},

@@ -250,6 +250,14 @@ def _bootstrap(strata: list[tuple[list[float], list[float]]], draws: int, seed: 
     return [lo if math.isfinite(lo) else None, hi if math.isfinite(hi) else None]
 
 
+def format_ratio(ratio: float | None, interval: list[float | None] | None = None) -> str:
+    """``10.9x [8.8, 13.9]``; "-" for no ratio, "unbounded" for an open upper end, no brackets without a lower end."""
+    text = "-" if ratio is None else f"{ratio:.1f}x"
+    if interval and interval[0] is not None:
+        text += f" [{interval[0]:.1f}, {'unbounded' if interval[1] is None else f'{interval[1]:.1f}'}]"
+    return text
+
+
 def ms(value: float | None) -> str | None:
     """Milliseconds with 3 significant digits or more."""
     if value is None:
@@ -269,17 +277,10 @@ def markdown(rows: list[CostRow], env: dict, budget: int, reps: int, iso_reps: i
         ],
         labels=2,
     )
-    times = lambda x: "-" if x is None else f"{x:.1f}x"  # noqa: E731
-
-    def interval(ci) -> str:
-        if not ci or ci[0] is None:
-            return ""
-        return f" [{ci[0]:.1f}, {'unbounded' if ci[1] is None else f'{ci[1]:.1f}'}]"
-
     ratio_lines = [
-        f"- {length} tokens: {times(v['isolated'])}{interval(v.get('isolated_ci'))} alone"
-        + (f", {times(v['separate'])} against LookaheadKV as a separate pass" if v.get("separate") else "")
-        + f", {times(v['paired'])} paired"
+        f"- {length} tokens: {format_ratio(v['isolated'], v.get('isolated_ci'))} alone"
+        + (f", {format_ratio(v['separate'])} against LookaheadKV as a separate pass" if v.get("separate") else "")
+        + f", {format_ratio(v['paired'])} paired"
         for length, v in ratios(rows).items()
     ]
     notes = []
