@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from lookaheadkv.bench.common import markdown_table, median
+from lookaheadkv.bench.common import markdown_table, median, write_json
 from lookaheadkv.bench.cost import format_ratio, pooled_ratio
 
 
@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": [{k: run[k] for k in ("path", "date", "command", "ratio", "interval")} for run in runs],
         "combined": {"ratio": ratio, "interval": interval, "how": "geometric mean of the runs' ratios of medians"},
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}", file=sys.stderr)
+    write_json(args.json, results)
     return results
 
 

@@ -16,11 +16,9 @@ tokens' operator time; Python overhead between operators is not in it. Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections import Counter
 
-from lookaheadkv.bench.common import MODELS, LastChunk, bench_model, environment, make_method, markdown_table, prompt_ids, run_tail
+from lookaheadkv.bench.common import MODELS, LastChunk, bench_model, environment, make_method, markdown_table, prompt_ids, run_tail, write_json
 from lookaheadkv.engine.attention import TAIL_ROWS
 
 
@@ -108,10 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tail_rows_ms": rows_ms,
         "added_ms_by_operator": {op: d for d, op in diff},
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}", file=sys.stderr)
+    write_json(args.json, results)
     return results
 
 

@@ -17,10 +17,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from lookaheadkv.bench.common import MODELS, command_line, markdown_table, parse_ints
+from lookaheadkv.bench.common import MODELS, command_line, markdown_table, parse_ints, write_json
 from lookaheadkv.bench.memory import peaks_above_baseline
 
 METHODS = ("plain", "snapkv")
@@ -89,10 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             for n in lengths
         ],
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+    write_json(args.json, results)
     return results
 
 

@@ -28,11 +28,10 @@ ones (same cost). Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 
-from lookaheadkv.bench.common import MODELS, PLAIN, bench_model, environment, make_method, markdown_table, parse_ints
+from lookaheadkv.bench.common import MODELS, PLAIN, bench_model, environment, make_method, markdown_table, parse_ints, write_json
 from lookaheadkv.bench.cost import measure, ms
 from lookaheadkv.bench.memory import peaks_above_baseline
 
@@ -128,10 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": [asdict(r) for r in rows],
         "peak_mib": None if memory is None else [{"method": m, "length": n, "mib": v} for (m, n), v in memory.items()],
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+    write_json(args.json, results)
     return results
 
 

@@ -18,6 +18,7 @@ without them, plus scoring, selection and eviction.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import sys
@@ -283,6 +284,14 @@ def command_line() -> str:
     elif name.endswith(".py"):
         args.insert(0, "python")
     return shlex.join(args)
+
+
+def write_json(path: str | Path | None, results: dict) -> None:
+    """Write a benchmark's results as indented JSON to ``path`` and say so on stderr; nothing when ``path`` is None."""
+    if path is None:
+        return
+    Path(path).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], labels: int = 1) -> str:
