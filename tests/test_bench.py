@@ -129,26 +129,26 @@ def test_ratio_interval_brackets_the_ratio_of_medians_and_widens_with_noise():
     assert ratio_interval(laq, [200.0]) is None and ratio_interval(None, steady) is None
 
 
-def test_pooled_ratio_combines_runs_by_their_own_ratios_and_narrows_with_more_runs():
-    from lookaheadkv.bench.cost import pooled_ratio, ratio_interval
+def test_combined_ratio_combines_runs_by_their_own_ratios_and_narrows_with_more_runs():
+    from lookaheadkv.bench.cost import combined_ratio, ratio_interval
 
     laq = [2000.0 + 10 * i for i in range(21)]  # median 2100
     tokens = [200.0 + 15 * i for i in range(-10, 11)]  # median 200
     # one run combined is that run: the same ratio and the same resamples (same seed)
-    assert pooled_ratio([(laq, tokens)]) == (2100 / 200, ratio_interval(laq, tokens))
+    assert combined_ratio([(laq, tokens)]) == (2100 / 200, ratio_interval(laq, tokens))
     one_lo, one_hi = ratio_interval(laq, tokens)
-    ratio, (lo, hi) = pooled_ratio([(laq, tokens)] * 4)  # four runs alike: the same ratio, a narrower interval
+    ratio, (lo, hi) = combined_ratio([(laq, tokens)] * 4)  # four runs alike: the same ratio, a narrower interval
     assert ratio == pytest.approx(10.5) and lo <= 10.5 <= hi and hi - lo < 0.75 * (one_hi - one_lo)
     # a run where both methods are slower by the same factor does not move the combined ratio
     slow = ([x * 1.4 for x in laq], [x * 1.4 for x in tokens])
-    assert pooled_ratio([(laq, tokens), slow])[0] == pytest.approx(10.5)
+    assert combined_ratio([(laq, tokens), slow])[0] == pytest.approx(10.5)
     # two runs whose ratios are 10.5 and 10.5 * 1.2 / 1.5 = 8.4: their geometric mean, bracketed
     other = ([x * 1.2 for x in laq], [x * 1.5 for x in tokens])
-    ratio, (lo, hi) = pooled_ratio([(laq, tokens), other])
+    ratio, (lo, hi) = combined_ratio([(laq, tokens), other])
     assert ratio == pytest.approx((10.5 * 8.4) ** 0.5) and lo <= ratio <= hi
     # a run with one timing: a ratio, no interval; a run without timings or no run: nothing
-    assert pooled_ratio([(laq, tokens), ([2100.0], [200.0])])[1] is None
-    assert pooled_ratio([]) == (None, None) and pooled_ratio([(laq, [])]) == (None, None)
+    assert combined_ratio([(laq, tokens), ([2100.0], [200.0])])[1] is None
+    assert combined_ratio([]) == (None, None) and combined_ratio([(laq, [])]) == (None, None)
 
 
 def test_format_ratio_prints_the_interval_only_when_it_has_a_lower_end():
@@ -166,22 +166,22 @@ def write_run(path: Path, laq: list[float], tokens: list[float], length: int = 4
     return path
 
 
-def test_pool_runs_prints_each_run_and_the_pooled_ratio(tmp_path, capsys):
-    pool_runs = load_script("pool_runs")
+def test_combine_runs_prints_each_run_and_the_combined_ratio(tmp_path, capsys):
+    combine_runs = load_script("combine_runs")
     a = write_run(tmp_path / "a.json", [2000.0, 2100.0, 2200.0], [190.0, 200.0, 210.0])
     (tmp_path / "b").mkdir()
     write_run(tmp_path / "b" / "results.json", [2400.0, 2500.0, 2600.0], [290.0, 300.0, 310.0])
-    results = pool_runs.main([str(a), str(tmp_path / "b"), "--length", "4096", "--json", str(tmp_path / "pool.json")])
+    results = combine_runs.main([str(a), str(tmp_path / "b"), "--length", "4096", "--json", str(tmp_path / "combined.json")])
     out = capsys.readouterr().out
     assert [r["ratio"] for r in results["runs"]] == [2100 / 200, 2500 / 300]
     combined = math.sqrt(2100 / 200 * 2500 / 300)  # 9.4x
     assert results["combined"]["ratio"] == pytest.approx(combined)
     assert "10.5x" in out and "8.3x" in out and f"**{combined:.1f}x [" in out and "2 runs combined" in out
-    assert json.loads((tmp_path / "pool.json").read_text())["combined"]["ratio"] == pytest.approx(combined)
+    assert json.loads((tmp_path / "combined.json").read_text())["combined"]["ratio"] == pytest.approx(combined)
 
 
-def test_pool_runs_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
-    pool_runs = load_script("pool_runs")
+def test_combine_runs_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    combine_runs = load_script("combine_runs")
     run = write_run(tmp_path / "a.json", [2000.0, 2100.0], [190.0, 200.0])
     for argv, says in (
         ([str(tmp_path / "missing.json"), "--length", "4096"], "cannot read"),
@@ -189,7 +189,7 @@ def test_pool_runs_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         ([str(run), "--length", "4096", "--den", "snapkv"], "no isolated runs of snapkv"),
     ):
         with pytest.raises(SystemExit) as stop:
-            pool_runs.main(argv)
+            combine_runs.main(argv)
         err = capsys.readouterr().err
         assert stop.value.code == 2 and says in err and err.count("\n") == 1
 

@@ -204,15 +204,15 @@ def ratio_interval(num: list[float] | None, den: list[float] | None, draws: int 
     return _bootstrap([(num, den)], draws, seed)
 
 
-def pooled_ratio(runs: list[tuple[list[float], list[float]]], draws: int = 2000, seed: int = 0) -> tuple[float | None, list[float | None] | None]:
+def combined_ratio(runs: list[tuple[list[float], list[float]]], draws: int = 2000, seed: int = 0) -> tuple[float | None, list[float | None] | None]:
     """Several benchmark runs combined: the geometric mean of their ratios of medians, and its 95% interval.
 
     ``runs`` holds one ``(num, den)`` pair of timing lists per benchmark run. Each run's ratio
     compares the two methods under that run's machine state; the runs weigh equally. (Pooling
     all timings into one median per method would mix machine states: a fast run's cheap
     timings and a slow run's dear ones make medians that no single state has.) The bootstrap
-    resamples within each run. The ratio is None when a run's denominator median is not
-    positive; the interval is None unless every run has at least 2 timings on each side.
+    resamples within each run. The ratio is None when a run's median is not positive; the
+    interval is None unless every run has at least 2 timings on each side.
     """
     if not runs or any(not n or not d for n, d in runs):
         return None, None
@@ -233,8 +233,8 @@ def _geomean_ratio(medians: list[tuple[float, float]]) -> float | None:
 def _bootstrap(strata: list[tuple[list[float], list[float]]], draws: int, seed: int) -> list[float | None]:
     """95% interval of the geometric mean of the strata's ratios of medians, each list resampled within its stratum.
 
-    With one stratum this is the ratio of the two medians. A resample whose denominator median
-    is not positive counts as unbounded.
+    With one stratum this is the ratio of the two medians. A resample with a median at or
+    below zero counts as unbounded.
     """
     rng = random.Random(seed)
     values = []
@@ -243,7 +243,7 @@ def _bootstrap(strata: list[tuple[list[float], list[float]]], draws: int, seed: 
         for n, d in strata:
             m = median(rng.choices(d, k=len(d)))
             medians.append((median(rng.choices(n, k=len(n))), m))
-        ratio = _geomean_ratio(medians) if all(m > 0 for _, m in medians) else math.inf
+        ratio = _geomean_ratio(medians)
         values.append(math.inf if ratio is None else ratio)
     values.sort()
     lo, hi = values[int(0.025 * draws)], values[int(0.975 * draws) - 1]

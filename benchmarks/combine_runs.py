@@ -1,4 +1,4 @@
-"""Pool several runs of the cost benchmark at one prompt length: every run's ratio, and all runs' together.
+"""Combine several runs of the cost benchmark at one prompt length: every run's ratio, and one ratio for all.
 
 One run of ``lookaheadkv bench`` gives LAQ's and LookaheadKV's added time at a length as
 medians of their isolated runs, with a 95% bootstrap interval on the ratio. On a noisy CPU
@@ -8,8 +8,8 @@ each run's ratio again, and combines them: the geometric mean of the runs' ratio
 compares the methods under one machine state; the runs weigh equally), with a 95% interval
 that resamples every run's timings within that run. It times nothing. Usage::
 
-    python benchmarks/pool_runs.py docs/results/cost-4k-run{1,2,3,4,5}.json --length 4096
-    python benchmarks/pool_runs.py runs/bench-cost-4k-long4 runs/bench-cost-4k-long5 --length 4096 --json /tmp/pool.json
+    python benchmarks/combine_runs.py docs/results/cost-4k-run{1,2,3,4,5}.json --length 4096
+    python benchmarks/combine_runs.py runs/bench-cost-4k-long4 runs/bench-cost-4k-long5 --length 4096 --json /tmp/combined.json
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from lookaheadkv.bench.common import markdown_table, median, write_json
-from lookaheadkv.bench.cost import format_ratio, pooled_ratio
+from lookaheadkv.bench.cost import combined_ratio, format_ratio
 
 
 def fail(message: str) -> None:
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [load_run(path, args.length, args.num, args.den) for path in args.runs]
     table = []
     for run in runs:
-        run["ratio"], run["interval"] = pooled_ratio([(run["num"], run["den"])])  # one run: its ratio of medians
+        run["ratio"], run["interval"] = combined_ratio([(run["num"], run["den"])])  # one run: its ratio of medians
         table.append([run["path"], run["date"], f"{median(run['num']):.0f}", f"{median(run['den']):.0f}",
                       f"{len(run['num'])} / {len(run['den'])}", format_ratio(run["ratio"], run["interval"])])
-    ratio, interval = pooled_ratio([(run["num"], run["den"]) for run in runs])
+    ratio, interval = combined_ratio([(run["num"], run["den"]) for run in runs])
     counts = f"{sum(len(run['num']) for run in runs)} / {sum(len(run['den']) for run in runs)}"
     table.append([f"**{len(runs)} runs combined** (geometric mean)", None, None, None, counts, f"**{format_ratio(ratio, interval)}**"])
     print(markdown_table(["run", "date", f"{args.num} ms", f"{args.den} ms", "timings", f"{args.num} / {args.den} [95% interval]"], table))
