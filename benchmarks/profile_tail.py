@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows_ms = 0.0
     for rep in range(args.reps):
         for name, fn in (("with", with_tokens), ("without", without)) if rep % 2 == 0 else (("without", without), ("with", with_tokens)):
-            times, calls, rows = profile_once(fn)
+            times, counts, range_ms = profile_once(fn)
             totals[name][0].update(times)
-            totals[name][1].update(calls)
-            rows_ms += rows / args.reps
+            totals[name][1].update(counts)
+            rows_ms += range_ms / args.reps
     per_run = {name: {op: t / args.reps for op, t in times.items()} for name, (times, _) in totals.items()}
     calls = {name: {op: c / args.reps for op, c in counts.items()} for name, (_, counts) in totals.items()}
     ops = set(per_run["with"]) | set(per_run["without"])

@@ -49,10 +49,11 @@ def gather(cache: DynamicCache, indices: list[torch.Tensor]) -> DynamicCache:
     ``indices[l]`` is (kv_heads, kept) sorted ascending; the result owns fresh storage so the
     evicted entries are really freed once the full cache is dropped.
     """
-    kv = []
+    kv, heads = [], None
     for layer_idx, idx in enumerate(indices):
         keys, values = layer_kv(cache, layer_idx)
-        heads = torch.arange(keys.shape[1], device=keys.device)[:, None]
+        if heads is None:  # every layer has the same KV heads on the same device
+            heads = torch.arange(keys.shape[1], device=keys.device)[:, None]
         idx = idx.to(keys.device)
         # advanced indexing copies one row of head_dim values per kept entry: faster on a CPU
         # than ``gather`` with the index expanded over head_dim (one index read per element)

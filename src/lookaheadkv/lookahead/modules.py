@@ -205,12 +205,13 @@ class LookaheadModules(nn.Module):
                 if grad:
                     raise RuntimeError("adapters on the last positions only are for inference (no grad)")
                 x, rows = x[:, -last:], output[:, -last:]  # updated in place below: the prompt's rows untouched
+            if not grad and rows.dim() == 3 and rows.shape[0] == 1 and x.dtype == a_t.dtype == rows.dtype:
+                rows[0].addmm_(x[0] @ a_t, b_t, alpha=scaling)  # inference: one fused multiply-add, no temporary
+                return output
+            delta = (((x.to(a_t.dtype) @ a_t) * scaling) @ b_t).to(output.dtype)
             if grad:  # training: out of place, so autograd sees the adapters
-                return output + (((x.to(a_t.dtype) @ a_t) * scaling) @ b_t).to(output.dtype)
-            if rows.dim() == 3 and rows.shape[0] == 1 and x.dtype == a_t.dtype == rows.dtype:
-                rows[0].addmm_(x[0] @ a_t, b_t, alpha=scaling)  # one fused multiply-add, no temporary
-            else:
-                rows.add_((((x.to(a_t.dtype) @ a_t) * scaling) @ b_t).to(rows.dtype))
+                return output + delta
+            rows.add_(delta)
             return output
 
         return add_lora
