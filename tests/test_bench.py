@@ -20,7 +20,7 @@ from helpers import single_thread  # noqa: F401  (autouse fixture)
 import torch
 
 from lookaheadkv.bench import METHODS, PLAIN, bench_model, make_method, measure, memory, ratios
-from lookaheadkv.bench.common import prompt_ids
+from lookaheadkv.bench.common import machine, prompt_ids
 from lookaheadkv.cli import app
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -266,3 +266,12 @@ def test_spread_places_fewer_runs_evenly_over_the_rounds():
     assert {b - a for a, b in zip(held, held[1:])} == {5}  # one run every 5 rounds, not the first 40 rounds
     assert all(spread(r, 15, 15) for r in range(15)) and all(spread(r, 20, 15) for r in range(15))
     assert sum(spread(r, 7, 30) for r in range(30)) == 7
+
+
+def test_machine_names_architecture_and_simd_level():
+    """Results from different hosts of one kind must be told apart: the CPU's SIMD level is in every result."""
+    import platform
+
+    name = machine()
+    assert name.startswith(platform.machine())
+    assert name.endswith(torch.backends.cpu.get_cpu_capability())

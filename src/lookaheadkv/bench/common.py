@@ -302,6 +302,24 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], lab
     return "\n".join(lines)
 
 
+def machine() -> str:
+    """The CPU a timing ran on: architecture, model name and the SIMD level torch uses (e.g. ``x86_64 AMD EPYC, AVX512``).
+
+    Timings of the same code differ between hosts of one cloud kind (a host with AVX-512 runs
+    the matmuls and softmax faster, a memory-bound decode step hardly), so every result names it.
+    """
+    import platform
+
+    name = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    return ", ".join(part for part in (f"{platform.machine()} {name}".strip(), capability) if part)
+
+
 def environment(model_name: str, model) -> dict:
     """What a result depends on besides the code: versions, threads, machine, date, lookahead modules."""
     import datetime
@@ -315,7 +333,7 @@ def environment(model_name: str, model) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": machine(),
         "python": platform.python_version(),
         "command": command_line(),
         "lookahead_modules": modules_label(model),
