@@ -6,7 +6,9 @@ runs on different hours disagree by more than their intervals say, because the m
 state moves between them. This script reads the ``results.json`` of several runs, prints
 each run's ratio again, and combines them: the geometric mean of the runs' ratios (each
 compares the methods under one machine state; the runs weigh equally), with a 95% interval
-that resamples every run's timings within that run. It times nothing. Usage::
+that resamples every run's timings within that run. Runs recorded on different machines
+(``environment.machine``: CPU model and SIMD level) are refused: each host's runs are
+combined on their own, since other hardware measures something else. It times nothing. Usage::
 
     python benchmarks/combine_runs.py docs/results/cost-4k-run{1,2,3,4,5}.json --length 4096
     python benchmarks/combine_runs.py runs/bench-cost-4k-long4 runs/bench-cost-4k-long5 --length 4096 --json /tmp/combined.json
@@ -45,7 +47,8 @@ def load_run(path: Path, length: int, num: str, den: str) -> dict:
                  "pick --length from those, or a run with both methods")
         runs[method] = row["isolated_runs_ms"]
     env = results.get("environment", {})
-    return {"path": str(file), "date": env.get("date"), "command": env.get("command"), "num": runs[num], "den": runs[den]}
+    return {"path": str(file), "date": env.get("date"), "machine": env.get("machine"), "command": env.get("command"),
+            "num": runs[num], "den": runs[den]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,6 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     runs = [load_run(path, args.length, args.num, args.den) for path in args.runs]
+    machines = sorted({str(run["machine"]) for run in runs})
+    if len(machines) > 1:
+        fail(f"the runs were recorded on different machines ({'; '.join(machines)}): combine each machine's runs separately")
     table = []
     for run in runs:
         run["ratio"], run["interval"] = combined_ratio([(run["num"], run["den"])])  # one run: its ratio of medians
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         "length": args.length,
         "num": args.num,
         "den": args.den,
+        "machine": runs[0]["machine"],
         "runs": [{k: run[k] for k in ("path", "date", "command", "ratio", "interval")} for run in runs],
         "combined": {"ratio": ratio, "interval": interval, "how": "geometric mean of the runs' ratios of medians"},
     }

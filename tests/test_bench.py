@@ -159,9 +159,9 @@ def test_format_ratio_prints_the_interval_only_when_it_has_a_lower_end():
     assert format_ratio(9.0, [None, None]) == "9.0x" and format_ratio(9.0) == "9.0x" and format_ratio(None) == "-"
 
 
-def write_run(path: Path, laq: list[float], tokens: list[float], length: int = 4096) -> Path:
+def write_run(path: Path, laq: list[float], tokens: list[float], length: int = 4096, machine: str = "x86_64 AMD EPYC, AVX512") -> Path:
     row = lambda method, runs: {"method": method, "length": length, "isolated_runs_ms": runs}  # noqa: E731
-    path.write_text(json.dumps({"environment": {"date": "2026-11-29T12:00:00", "command": "lookaheadkv bench"},
+    path.write_text(json.dumps({"environment": {"date": "2026-11-29T12:00:00", "command": "lookaheadkv bench", "machine": machine},
                                 "rows": [row("laq", laq), row("lookahead", tokens), row("plain", None)]}))
     return path
 
@@ -183,7 +183,9 @@ def test_combine_runs_prints_each_run_and_the_combined_ratio(tmp_path, capsys):
 def test_combine_runs_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     combine_runs = load_script("combine_runs")
     run = write_run(tmp_path / "a.json", [2000.0, 2100.0], [190.0, 200.0])
+    other = write_run(tmp_path / "b.json", [2000.0, 2100.0], [190.0, 200.0], machine="x86_64 AMD EPYC, AVX2")
     for argv, says in (
+        ([str(run), str(other), "--length", "4096"], "different machines"),
         ([str(tmp_path / "missing.json"), "--length", "4096"], "cannot read"),
         ([str(run), "--length", "2048"], "pick --length from those"),
         ([str(run), "--length", "4096", "--den", "snapkv"], "no isolated runs of snapkv"),

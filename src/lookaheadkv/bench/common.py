@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shlex
 import statistics
 import sys
@@ -308,8 +309,6 @@ def machine() -> str:
     Timings of the same code differ between hosts of one cloud kind (a host with AVX-512 runs
     the matmuls and softmax faster, a memory-bound decode step hardly), so every result names it.
     """
-    import platform
-
     name = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -323,7 +322,6 @@ def machine() -> str:
 def environment(model_name: str, model) -> dict:
     """What a result depends on besides the code: versions, threads, machine, date, lookahead modules."""
     import datetime
-    import platform
 
     import transformers
 
