@@ -1,17 +1,33 @@
-"""lookaheadkv: KV-cache eviction at prefill for Hugging Face causal LMs, with LookaheadKV."""
+"""lookaheadkv: KV-cache eviction at prefill for Hugging Face causal LMs, with LookaheadKV.
 
-from .engine import Sampling, generate, generate_ids
-from .lookahead import LookaheadModules
-from .policies import H2O, LAQ, LookaheadKV, Oracle, SpecKV, TOVA, FullKV, PyramidKV, RandomPolicy, SnapKV, StreamingLLM, make_policy
+The public names are imported on first use (PEP 562), so that ``import lookaheadkv`` and the
+command line start without loading torch: a Ctrl-C in the first seconds of a command then ends
+in the command's own one-line message instead of a traceback from an import.
+"""
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "Sampling": ".engine",
+    "generate": ".engine",
+    "generate_ids": ".engine",
+    "LookaheadModules": ".lookahead",
+    "load_model": ".models",
+    **{name: ".policies" for name in ("H2O", "LAQ", "LookaheadKV", "Oracle", "SpecKV", "TOVA", "FullKV", "PyramidKV", "RandomPolicy", "SnapKV", "StreamingLLM", "make_policy")},
+}
 
 __all__ = ["Sampling", "generate", "generate_ids", "FullKV", "RandomPolicy", "StreamingLLM", "SnapKV", "PyramidKV", "H2O", "TOVA", "make_policy", "load_model", "LookaheadKV", "LookaheadModules", "LAQ", "SpecKV", "Oracle"]
 
 
 def __getattr__(name):
-    if name == "load_model":
-        from .models import load_model
+    if name in _WHERE:
+        import importlib
 
-        return load_model
-    raise AttributeError(name)
+        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lookaheadkv' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_WHERE))

@@ -7,6 +7,7 @@ unsupported model) ends in one line on stderr and exit code 2, never a traceback
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,8 +26,23 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def os_error_line(err: OSError) -> str:
+    """One line for an OS error, naming the path and what to do."""
+    where = f": {err.filename}" if getattr(err, "filename", None) else ""
+    what = err.strerror or str(err) or type(err).__name__
+    hints = {
+        PermissionError: "choose a place you can write to (or read, for inputs)",
+        IsADirectoryError: "give a file there, not a folder",
+        NotADirectoryError: "a part of that path is a file: give a folder",
+        FileExistsError: "a file is in the way: give a folder (or remove the file)",
+        FileNotFoundError: "check the path",
+    }
+    hint = next((h for cls, h in hints.items() if isinstance(err, cls)), "check the path and the disk")
+    return f"{what}{where}: {hint}"
+
+
 def friendly(fn):
-    """Turn library errors caused by the user's input into one line and exit code 2."""
+    """Turn library errors caused by the user's input into one line and exit code 2 (Ctrl-C: 130)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,25 +50,45 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted (Ctrl-C); rerun the same command to resume where it applies", err=True)
+            raise typer.Exit(130)
         except USER_ERRORS as err:
+            if isinstance(err, OSError) and err.filename is not None:  # FileNotFoundError from the OS
+                fail(os_error_line(err))
             text = str(err).strip().splitlines()
             fail(text[0] if text else type(err).__name__)
+        except OSError as err:  # read-only place, a file where a folder should be, disk full, ...
+            fail(os_error_line(err))
+        except Exception as err:
+            if type(err).__name__ == "SafetensorError":  # a truncated or damaged .safetensors file
+                fail(f"a .safetensors file is truncated or damaged ({str(err).strip().splitlines()[0]}): re-download or re-create it")
+            raise
 
     return wrapper
 
 
+def check_out_folder(out: Path, option: str = "--out") -> None:
+    """``out`` must be a folder that exists or can be made, and that we can write into."""
+    if out.exists() and not out.is_dir():
+        fail(f"{option} {out} is a file: give a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"{option} {out}: {parent} is a file, not a folder: give another place")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"{option} {out}: cannot write in {parent} (permission denied): choose a place you can write to")
+
+
 def parse_budget(text: str) -> int | float:
+    """A budget option (generate, eval): engine.evict.parse_budget, its error as one ``error:`` line."""
+    from .engine.evict import parse_budget as parse
+
     try:
-        value = float(text)
-    except ValueError:
-        fail(f"budget must be a positive integer or a ratio in (0, 1), got {text!r}")
-    if value <= 0:
-        fail(f"budget must be a positive integer or a ratio in (0, 1), got {text}")
-    if value.is_integer() and value >= 1:
-        return int(value)
-    if value > 1:
-        fail(f"budget must be a whole number of tokens or a ratio in (0, 1), got {text}")
-    return value
+        return parse(text)
+    except ValueError as err:
+        fail(str(err))
 
 
 def check_modules_arg(modules: str) -> str:
@@ -93,7 +129,7 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
 @friendly
 def generate(
     method: str = typer.Option("snapkv", help="Eviction method (see 'lookaheadkv methods')."),
-    budget: str = typer.Option("128", help="KV entries kept per KV head and layer, or a ratio of the prompt (e.g. 0.1)."),
+    budget: str = typer.Option("128", help="KV entries kept per KV head and layer (128), or a decimal ratio of the prompt in (0, 1] (0.1; 1.0 = the whole prompt)."),
     prompt: Optional[str] = typer.Option(None, help="The prompt text."),
     prompt_file: Optional[Path] = typer.Option(None, help="Read the prompt from this file."),
     model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the bundled SmolLM2-135M-Instruct."),
@@ -160,7 +196,7 @@ def parse_range(text: str, option: str) -> tuple[int, int]:
 def data_build(
     out: Path = typer.Option(..., help="Data folder (created; rerun the same command to resume)."),
     model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the bundled SmolLM2."),
-    source: str = typer.Option("essays=150,synthetic=100,fewshot=50", help="Offline sources: essays, synthetic, fewshot (name=count,...)."),
+    source: str = typer.Option("essays=150,synthetic=100,fewshot=50", help="Offline sources: essays, synthetic, fewshot, code, docs, retrieval, chat (name=count,...)."),
     hub: Optional[str] = typer.Option(None, help="The paper's hub sources instead (chatqa2, tulu3, stack, metamath, hellaswag, arc), name=count,..."),
     data_file: list[str] = typer.Option([], help="name=path: read a hub source from a local JSONL copy (repeatable)."),
     lengths: str = typer.Option("1024,2048", help="Prompt lengths in tokens, low,high (offline sources)."),
@@ -168,7 +204,8 @@ def data_build(
     max_new_tokens: int = typer.Option(512, min=1, help="Cap of each self-generated response."),
     seed: int = typer.Option(0),
     shard: str = typer.Option("0/1", help="i/n: build only the samples whose index % n == i (run n processes in parallel)."),
-    batch_size: int = typer.Option(1, min=1, help="Prompts whose responses are generated together (a left-padded batch; helps on GPUs)."),
+    batch_size: int = typer.Option(1, min=1, help="Prompts whose responses are generated together (a left-padded batch, prompts of similar length)."),
+    dtype: Optional[str] = typer.Option(None, help="Model dtype, e.g. bfloat16 (about 3x faster prefill on CPUs with AVX-512 BF16); labels are computed in float32 arithmetic either way. Default: the checkpoint's."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
 ):
     """Generate each prompt's greedy response and its true importance labels, resumably."""
@@ -186,7 +223,7 @@ def data_build(
         assert 0 <= index < count
     except (ValueError, AssertionError):
         fail(f"--shard takes i/n with 0 <= i < n, got {shard!r}")
-    llm, tokenizer = load_model(model)
+    llm, tokenizer = load_model(model, dtype=dtype)
     if hub:
         files = dict(item.split("=", 1) for item in data_file)
         for path in files.values():
@@ -284,13 +321,13 @@ def resolve_tasks(text: str) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
-def run_eval(llm, tokenizer, samples, methods, budgets, out: Path, options: dict, report_only: bool = False) -> None:
+def run_eval(llm, tokenizer, samples, methods, budgets, out: Path, options: dict, report_only: bool = False, keep_errors: bool = False) -> None:
     from .evaluation import report
-    from .evaluation.runner import EvalConfig, Runner, read_results
+    from .evaluation.runner import EvalConfig, Runner, latest_results, read_results
 
     config = EvalConfig(methods=methods, budgets=budgets, method_options=options)
     if not report_only:
-        runner = Runner(llm, tokenizer, config, out)
+        runner = Runner(llm, tokenizer, config, out, keep_errors=keep_errors)
         progress = _bar("eval", len(samples))
         with progress:
             runner.run(samples, on_sample=lambda i, n: progress.update(progress.task_ids[0], completed=i))
@@ -298,7 +335,7 @@ def run_eval(llm, tokenizer, samples, methods, budgets, out: Path, options: dict
         fail(f"{out} has no results.jsonl to report on")
     ids = {s.id for s in samples}
     keys = set(config.runs())
-    rows = [r for r in read_results(out / "results.jsonl") if r["sample_id"] in ids and (r["method"], r["budget"]) in keys]
+    rows = [r for r in latest_results(read_results(out / "results.jsonl")) if r["sample_id"] in ids and (r["method"], r["budget"]) in keys]
     if report_only:  # only the samples every method has finished, so the comparison stays paired
         have = {(r["sample_id"], r["method"], r["budget"]) for r in rows}
         finished = {s for s in ids if all((s, *k) in have for k in keys)}
@@ -311,6 +348,32 @@ def run_eval(llm, tokenizer, samples, methods, budgets, out: Path, options: dict
     report.plot(summary, out / "score.png")
     report.plot(summary, out / "recall.png", metric="recall")
     typer.echo(f"results: {out / 'results.jsonl'} | tables: {out / 'summary.md'} | plots: {out / 'score.png'}, {out / 'recall.png'}")
+    failed = failed_methods(rows)
+    if failed:
+        method, count, first = failed[0]
+        others = f" (also: {', '.join(m for m, _, _ in failed[1:])})" if len(failed) > 1 else ""
+        fail(f"every record of {method} failed ({count}; first: {first}){others}: fix the cause and rerun (failed records are retried)")
+
+
+def failed_methods(rows: list[dict]) -> list[tuple[str, int, str]]:
+    """(method, records, first error) for each method whose every record is an error row."""
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    return [(m, len(rs), rs[0]["error"].splitlines()[0]) for m, rs in sorted(by_method.items()) if all("error" in r for r in rs)]
+
+
+def check_methods_usable(llm, methods: list[str], options: dict) -> None:
+    """Load what a method needs before any sample runs (LookaheadKV's modules, SpecKV's draft)."""
+    from .policies import make_policy
+
+    if "lookahead" in methods:
+        policy = make_policy("lookahead", **options.get("lookahead", {}))
+        policy.resolve(llm).check_fits(llm)
+        options.setdefault("lookahead", {})["modules"] = policy.modules  # loaded once, shared by the run
+    if "speckv" in methods and "draft" in options.get("speckv", {}):
+        policy = make_policy("speckv", **options["speckv"])
+        options["speckv"]["draft"] = policy.draft_model(llm)  # loaded once, shared by the run
 
 
 def method_options(methods: list[str], modules: Optional[str], draft: Optional[str]) -> dict:
@@ -328,7 +391,7 @@ def evaluate(
     out: Path = typer.Option(..., help="Run folder: results.jsonl (rerun to resume), summary.md, plots."),
     model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the bundled SmolLM2."),
     methods: str = typer.Option("full,snapkv,pyramidkv,streamingllm,h2o,tova,lookahead", help="Comma-separated methods."),
-    budgets: str = typer.Option("64,128,256", help="Comma-separated KV budgets per head."),
+    budgets: str = typer.Option("64,128,256", help="Comma-separated KV budgets per head: entries (128) or ratios of the prompt (0.1; 1.0 = all)."),
     tasks: str = typer.Option("all", help="Task names or groups (niah, multi_niah, tracking, aggregation, qa), or all."),
     lengths: str = typer.Option("2048", help="Prompt lengths in tokens."),
     samples: int = typer.Option(5, min=1, help="Samples per task and length (per task group with --per-group)."),
@@ -341,6 +404,7 @@ def evaluate(
     max_length: int = typer.Option(7500, help="LongBench prompts are truncated middle-out to this many tokens."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
     report_only: bool = typer.Option(False, "--report-only", help="Summarise what results.jsonl holds (samples every method finished); run nothing."),
+    keep_errors: bool = typer.Option(False, "--keep-errors", help="On a rerun, keep the records that failed instead of retrying them."),
 ):
     """Compare methods x budgets x tasks x lengths on the same prompts; resumable."""
     import torch
@@ -351,10 +415,9 @@ def evaluate(
     if threads:
         torch.set_num_threads(threads)
     method_list = parse_list(methods, "--methods")
-    budget_list = parse_list(budgets, "--budgets", int)
-    if any(b <= 0 for b in budget_list):
-        fail(f"budgets must be positive integers, got {budgets}")
+    budget_list = parse_list(budgets, "--budgets", parse_budget)
     options = method_options(method_list, modules, draft)
+    check_out_folder(out)
     if longbench_dir is not None and not longbench_dir.is_dir():
         fail(f"LongBench folder not found: {longbench_dir}")
     task_list = None if longbench else resolve_tasks(tasks)
@@ -365,7 +428,9 @@ def evaluate(
         suite = [s for t in parse_list(longbench, "--longbench") for s in load_longbench(t, data_dir=longbench_dir, tokenizer=tokenizer, max_length=max_length, limit=samples)]
     else:
         suite = make_suite(tokenizer, task_list, parse_list(lengths, "--lengths", int), samples, split="eval", seed=seed, per_group=per_group)
-    run_eval(llm, tokenizer, suite, method_list, budget_list, out, options, report_only)
+    if not report_only:
+        check_methods_usable(llm, method_list, options)
+    run_eval(llm, tokenizer, suite, method_list, budget_list, out, options, report_only, keep_errors)
 
 
 DEMO_TASKS = "niah_single_number,niah_single_word,niah_multiquery,passage_qa"
@@ -384,13 +449,14 @@ def demo(
     from .models import load_model
     from .policies.lookahead import default_modules_path
 
+    check_out_folder(out)
     llm, tokenizer = load_model(None)
     methods = ["full", "streamingllm", "snapkv", "pyramidkv", "h2o", "tova"]
     if default_modules_path(llm) is not None:
         methods.append("lookahead")
     typer.echo(f"lookaheadkv demo: {', '.join(methods)} at budgets {budgets} on {samples} samples of {DEMO_TASKS} at {length} tokens")
     suite = make_suite(tokenizer, DEMO_TASKS.split(","), [length], samples, split="eval", seed=0)
-    run_eval(llm, tokenizer, suite, methods, parse_list(budgets, "--budgets", int), out, {})
+    run_eval(llm, tokenizer, suite, methods, parse_list(budgets, "--budgets", parse_budget), out, {})
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
@@ -402,10 +468,18 @@ def bench(ctx: typer.Context):
 
 
 def main() -> None:
-    from transformers.utils import logging as hf_logging
+    try:
+        from transformers.utils import logging as hf_logging
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
     hf_logging.disable_progress_bar()  # keep the output to the answer, our bars and one-line errors
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # outside a command's own handling (e.g. while typer parses)
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

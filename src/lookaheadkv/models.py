@@ -62,6 +62,13 @@ class ModelNotFoundError(FileNotFoundError):
     """Neither a local model folder nor a loadable Hub id."""
 
 
+class DamagedModelError(ValueError):
+    """A model folder whose weights are missing, truncated or unreadable."""
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 class MissingPackageError(ImportError):
     """An optional data/model package (installed with ``--no-deps``) is not installed."""
 
@@ -352,6 +359,8 @@ def load_model(
         except (OSError, ValueError) as error:
             raise ModelNotFoundError(f"cannot read {config_file}: {error}") from error
         check_supported(model_type)
+        if not any((Path(source) / name).is_file() for name in WEIGHT_FILES) and not any(Path(source).glob("*.safetensors")):
+            raise DamagedModelError(f"{source!r} has a config.json but no weights (model.safetensors): copy the weights there or give another folder")
         config = AutoConfig.from_pretrained(source)
     else:
         try:
@@ -362,8 +371,20 @@ def load_model(
             raise ModelNotFoundError(f"cannot load model {source!r} from the Hugging Face Hub: {first}") from error
     check_supported(getattr(config, "model_type", None))
 
-    model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+    except Exception as error:  # SafetensorError (truncated file), OSError (no weights), torch's unpickling errors
+        if not (isinstance(error, (OSError, ValueError, EOFError)) and not isinstance(error, ImportError)) and type(error).__name__ not in ("SafetensorError", "UnpicklingError"):
+            raise
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else type(error).__name__
+        raise DamagedModelError(f"cannot read the weights of {source!r} ({first}): they are missing, truncated or damaged; re-download or re-save the model") from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as error:
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else type(error).__name__
+        raise ModelNotFoundError(f"cannot load the tokenizer of {source!r} ({first}): put its tokenizer files beside the weights") from error
     return _finish(model, device), tokenizer
 
 

@@ -84,7 +84,17 @@ def modules_label(model) -> str:
     return str(path) if path is not None else "random init (same cost as trained)"
 
 
-def make_method(name: str, model, budget: int):
+def budget_arg(text: str) -> int | float:
+    """argparse type of ``--budget``: the one budget rule of generate and eval (engine.evict.parse_budget)."""
+    from ..engine.evict import parse_budget
+
+    try:
+        return parse_budget(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def make_method(name: str, model, budget: int | float):
     """The policy that runs method ``name`` at ``budget`` on ``model``; None for ``"plain"``.
 
     LookaheadKV uses the modules shipped for the model when there are some, else randomly

@@ -32,6 +32,7 @@ from .common import (
     LastChunk,
     added_work,
     bench_model,
+    budget_arg,
     capture_prefill,
     environment,
     make_method,
@@ -358,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m], default=list(DEFAULT_METHODS),
                         help=f"comma-separated, from: {', '.join(m for m in METHODS if m != PLAIN)} (the plain prefill always runs)")
     parser.add_argument("--oracle", action="store_true", help="also time the oracle (it decodes a whole answer first)")
-    parser.add_argument("--budget", type=int, default=128, help="KV entries kept per head and layer")
+    parser.add_argument("--budget", type=budget_arg, default=128, help="KV entries kept per head and layer (128), or a ratio of the prompt in (0, 1] (0.1)")
     parser.add_argument("--reps", type=int, default=3, help="paired repetitions per length")
     parser.add_argument("--iso-reps", type=int, default=5, help="isolated timings of each method's own work per length")
     parser.add_argument("--tail-reps", type=int, default=TAIL_REPS,
@@ -398,8 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(args.methods) - set(METHODS) - {PLAIN})
     if unknown:
         parser.error(f"unknown methods {', '.join(unknown)}; choose from: {', '.join(m for m in METHODS if m != PLAIN)}")
-    if min(args.reps, args.iso_reps, args.tail_reps, args.budget) < 1:
-        parser.error("--reps, --iso-reps, --tail-reps and --budget must be at least 1")
+    if min(args.reps, args.iso_reps, args.tail_reps) < 1:
+        parser.error("--reps, --iso-reps and --tail-reps must be at least 1")
     if args.report_only:
         print(report_only(args.out))
         return

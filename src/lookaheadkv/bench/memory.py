@@ -39,6 +39,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .common import budget_arg
+
 BASELINE = "baseline"
 WARMUP_TOKENS = 64
 MMAP_THRESHOLD = 128 * 1024  # bytes; see the module docstring
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2", help="smollm2 or tiny")
     parser.add_argument("--method", required=True, help="a method name, 'plain', or 'baseline'")
     parser.add_argument("--length", type=int, required=True, help="prompt tokens")
-    parser.add_argument("--budget", type=int, default=128)
+    parser.add_argument("--budget", type=budget_arg, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:

@@ -186,6 +186,35 @@ def _prefill_with_tail(module, query, key, value, scaling, observers, tail):
 AttentionInterface.register(ATTN_NAME, _attention)
 
 
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The window of the model's sliding-window layers, or None when it has none."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
+
+
+def check_eviction_window(model: torch.nn.Module, positions: int) -> None:
+    """Refuse eviction on sliding-window layers once a query's true position passes the window.
+
+    The engine's attention sees cache entries, not their positions: after eviction a layer holds
+    fewer entries than positions, so its entry count no longer tells whether a kept entry lies
+    outside the layer's window. ``positions`` is the number of positions the longest forward
+    spans (prompt + new tokens - 1). Within the window nothing is cut, so eviction is exact.
+    """
+    window = sliding_window(model)
+    if window is not None and positions > window:
+        raise NotImplementedError(
+            f"this model's sliding-window layers see only the last {window} positions, and after eviction they would "
+            f"attend to kept entries outside that window ({positions} positions): use --method full, a prompt plus "
+            f"answer within {window} tokens, or a model without sliding windows"
+        )
+
+
 @contextmanager
 def hooked(
     model: torch.nn.Module,

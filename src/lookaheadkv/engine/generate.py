@@ -8,10 +8,11 @@ from typing import Callable
 
 import torch
 
+from .attention import check_eviction_window
 from .cache import kv_bytes, lengths
 from .decode import Sampling, decode
 from .evict import evict, select
-from .prefill import Prefill, prefill
+from .prefill import Prefill, check_input_ids, prefill
 
 
 @dataclass
@@ -69,6 +70,20 @@ def compress(model: torch.nn.Module, state: Prefill, policy, observer=None) -> C
     return Compressed(state, cache, kept, scored - start, time.perf_counter() - scored)
 
 
+def check_policy(policy) -> None:
+    """A policy must be an instance (``SnapKV(budget=128)``), not a name or a class."""
+    from ..policies.base import Policy
+
+    if isinstance(policy, Policy):
+        return
+    if isinstance(policy, str):
+        raise TypeError(f"policy must be a Policy instance, got the string {policy!r}: use make_policy({policy!r}, budget=...) or e.g. SnapKV(budget=128)")
+    if isinstance(policy, type):
+        raise TypeError(f"policy must be a Policy instance, got the class {policy.__name__}: instantiate it, e.g. {policy.__name__}(budget=128)")
+    if not all(callable(getattr(policy, a, None)) for a in ("observer", "tail", "scores", "layer_budgets")):
+        raise TypeError(f"policy must be a Policy instance (e.g. SnapKV(budget=128)), got {type(policy).__name__}")
+
+
 def run_prefill(model: torch.nn.Module, input_ids: torch.Tensor, policy) -> tuple[Prefill, object]:
     """The prompt's prefill with ``policy``'s observer (and its tail, if it has one)."""
     observer = policy.observer()
@@ -86,8 +101,14 @@ def generate_ids(
     on_token: Callable[[int], None] | None = None,
 ) -> tuple[list[int], Stats, list[torch.Tensor] | None]:
     """Token-level pipeline: prefill ``input_ids`` (1, L), evict with ``policy``, decode."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+    check_policy(policy)
+    input_ids = check_input_ids(model, input_ids)
+    from ..policies.full import FullKV
+
+    if not isinstance(policy, FullKV):  # eviction on sliding-window layers only within the window
+        check_eviction_window(model, input_ids.shape[-1] + max(max_new_tokens, getattr(policy, "n_draft", 0) + 1) - 1)
     state, observer = run_prefill(model, input_ids, policy)
     before = kv_bytes(state.cache)
     done = compress(model, state, policy, observer)
@@ -119,6 +140,10 @@ def generate_ids(
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
     """Token ids (1, L) of ``prompt``, wrapped in the chat template when the tokenizer has one."""
+    if not isinstance(prompt, str):
+        kind = type(prompt).__name__
+        hint = "call generate once per prompt (batch size 1)" if isinstance(prompt, (list, tuple)) else "give the prompt as text"
+        raise TypeError(f"prompt must be a str, got {kind}: {hint}")
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty: give some text")
     if chat and getattr(tokenizer, "chat_template", None):
@@ -164,6 +189,8 @@ def generate(
     from ..policies.full import FullKV
 
     policy = policy if policy is not None else FullKV()
+    check_policy(policy)
+    sampling = Sampling(temperature, top_p, seed)
     input_ids = encode_prompt(tokenizer, prompt, chat)
     on_token = None
     if stream is not None:
@@ -173,7 +200,7 @@ def generate(
         input_ids,
         policy,
         max_new_tokens=max_new_tokens,
-        sampling=Sampling(temperature, top_p, seed),
+        sampling=sampling,
         eos_token_ids=eos_ids(model, tokenizer),
         on_token=on_token,
     )

@@ -30,12 +30,27 @@ class Prefill:
 
 
 def check_input_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """``input_ids`` as a (1, L) integer tensor on the model's device, or a clear error."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(
+            f"input_ids must be a torch tensor of token ids, shape (1, L), got {type(input_ids).__name__}: "
+            "wrap it as torch.tensor([ids])"
+        )
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}: use torch.long")
+    if input_ids.dim() not in (1, 2):
+        raise ValueError(f"input_ids must have shape (1, L) or (L,), got {tuple(input_ids.shape)}")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.shape[0] != 1:
         raise ValueError(f"batch size must be 1, got {input_ids.shape[0]}: run one prompt at a time")
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty: give at least one token")
+    vocab = model.get_input_embeddings().num_embeddings
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {vocab}): encode the prompt with this model's tokenizer")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and input_ids.shape[1] > limit:
         raise ValueError(f"the prompt has {input_ids.shape[1]} tokens, more than the model's context of {limit}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from ..policies.speckv import speckv_label
 from .metrics import bootstrap_ci, paired_bootstrap_diff
 
 METRICS = {"score": "task score", "graded": "graded score", "fidelity_f1": "fidelity F1 to full cache", "recall": "attention recall"}
@@ -23,6 +24,22 @@ def _order(methods):
     return [m for m in first if m in methods] + sorted(m for m in methods if m not in first)
 
 
+def method_labels(rows: list[dict]) -> dict[str, str]:
+    """Display name per method: its name, except SpecKV, which names its draft model or says it is
+    the self-draft upper bound (rows without a ``draft`` were drafted by the target itself)."""
+    labels = {r["method"]: r["method"] for r in rows}
+    drafts = sorted({str(r.get("draft")) for r in rows if r["method"] == "speckv" and r.get("draft") is not None})
+    if "speckv" in labels:
+        self_drafted = any(r["method"] == "speckv" and r.get("draft") is None for r in rows)
+        parts = ([speckv_label(None)] if self_drafted else []) + [speckv_label(d) for d in drafts]
+        labels["speckv"] = " / ".join(parts) if parts else speckv_label(None)
+    return labels
+
+
+def _label(summary_entries, method: str) -> str:
+    return next((e["label"] for e in summary_entries if "label" in e), method)
+
+
 def summarise(rows: list[dict], baseline: str = "snapkv", n_boot: int = 1000, pooled: bool = True) -> dict:
     """Per (group, method, budget): n, errors, and (mean, lo, hi) of every metric, plus the paired diff to ``baseline``.
 
@@ -30,6 +47,7 @@ def summarise(rows: list[dict], baseline: str = "snapkv", n_boot: int = 1000, po
     group (full cache at or above 30%) are also summarised together as :data:`POOLED`, the
     one-number comparison across tasks (each sample counts once).
     """
+    labels = method_labels(rows)
     by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)  # (group, method, budget) -> sample -> row
     errors: dict[tuple, int] = defaultdict(int)
     for r in rows:
@@ -65,6 +83,7 @@ def summarise(rows: list[dict], baseline: str = "snapkv", n_boot: int = 1000, po
                 entry["diff_vs_" + baseline] = paired_bootstrap_diff(
                     [samples[i]["score"] for i in common], [base[i]["score"] for i in common], n_boot=n_boot
                 )
+        entry["label"] = labels.get(method, method)
         out[key] = entry
     for key, entry in out.items():
         if key[0] in full_mean:
@@ -107,7 +126,7 @@ def markdown(summary: dict, metric: str = "score", baseline: str = "snapkv") -> 
                     if e and e["errors"]:
                         cell += f" ({e['errors']} errors)"
                     cells.append(cell)
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_label([e for (mm, _), e in entries.items() if mm == m], m)} | " + " | ".join(cells) + " |")
         lines.append("")
     if metric == "score":
         lines.append(f"Δ: paired-bootstrap mean difference to {baseline} at the same budget on the same samples, with its 95% CI.")
@@ -134,11 +153,12 @@ def plot(summary: dict, path: str | Path, metric: str = "score") -> Path:
             if m == "full":
                 ax.axhline(100 * entries[(m, 0)][metric][0], color="black", ls="--", lw=1, label="full")
                 continue
+            label = _label([e for (mm, _), e in entries.items() if mm == m], m)
             xs = [b for b in budgets if (m, b) in entries]
             ys = [100 * entries[(m, b)][metric][0] for b in xs]
             lo = [100 * entries[(m, b)][metric][1] for b in xs]
             hi = [100 * entries[(m, b)][metric][2] for b in xs]
-            line = ax.plot(xs, ys, marker="o", label=m, lw=2 if m == "lookahead" else 1)[0]
+            line = ax.plot(xs, ys, marker="o", label=label, lw=2 if m == "lookahead" else 1)[0]
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [str(b) for b in budgets])
@@ -173,5 +193,5 @@ def terminal(summary: dict, metric: str = "score") -> None:
             if m == "full":
                 table.add_row(m, *[_cell(entries[(m, 0)].get(metric))] * len(budgets))
             else:
-                table.add_row(m, *[_cell(entries[(m, b)].get(metric)) if (m, b) in entries else "-" for b in budgets])
+                table.add_row(_label([e for (mm, _), e in entries.items() if mm == m], m), *[_cell(entries[(m, b)].get(metric)) if (m, b) in entries else "-" for b in budgets])
         console.print(table)

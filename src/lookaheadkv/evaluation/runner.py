@@ -6,13 +6,13 @@ the true importance of each prompt token from that answer (for attention recall,
 the Oracle's scores), and for each method and budget scores and selects what to keep;
 the evictions at one budget are then decoded together as one batch (``decode_batch``).
 Every finished (sample, method, budget) is appended to
-``results.jsonl`` at once, so a killed run resumes where it stopped and recomputes
-nothing finished.
+``results.jsonl`` at once (:mod:`lookaheadkv.records`: a line cut by a kill is repaired or
+dropped before the next append), so a killed run resumes where it stopped and recomputes
+nothing finished; rows that failed are retried on a rerun (``keep_errors`` keeps them).
 """
 
 from __future__ import annotations
 
-import json
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -21,14 +21,16 @@ from typing import Callable
 
 import torch
 
+from ..engine.attention import check_eviction_window
 from ..engine.cache import crop
 from ..engine.decode import decode, decode_batch
-from ..engine.evict import evict, select
+from ..engine.evict import evict, parse_budget, select
 from ..engine.generate import eos_ids
 from ..engine.prefill import prefill
 from ..policies import REGISTRY, make_policy
 from ..policies.base import Observers
 from ..policies.oracle import Oracle
+from ..records import append_record, read_records, repair
 from ..training.targets import ground_truth
 from .metrics import attention_recall, exact_match, token_f1
 from .tasks import Sample, score_sample
@@ -42,7 +44,7 @@ class EvalConfig:
     """What to run: methods (registry names) x budgets over a list of samples."""
 
     methods: list[str]
-    budgets: list[int]
+    budgets: list[int | float]
     method_options: dict[str, dict] = field(default_factory=dict)  # e.g. {"lookahead": {"modules": PATH}}
     batch_decode: bool = True  # decode each budget's evictions as one batch (engine.decode.decode_batch)
 
@@ -50,8 +52,12 @@ class EvalConfig:
         unknown = [m for m in self.methods if m not in REGISTRY]
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(sorted(REGISTRY))}")
-        if not self.budgets or any(b <= 0 for b in self.budgets):
-            raise ValueError(f"budgets must be positive integers, got {self.budgets}")
+        if not self.budgets:
+            raise ValueError("budgets is empty: give at least one budget")
+        try:  # entries (int) or ratios of the prompt (float), as generate reads them
+            self.budgets = [parse_budget(b) for b in self.budgets]
+        except ValueError as err:
+            raise ValueError(f"bad budgets {self.budgets}: {err}") from None
 
     def runs(self) -> list[tuple[str, int]]:
         """(method, budget) pairs; the full cache once, with budget 0."""
@@ -63,23 +69,33 @@ class EvalConfig:
 
 
 def read_results(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill: that run is simply redone
-    return rows
+    """Every complete row of a results file (a line cut by a kill is skipped and reported)."""
+    return read_records(path)
+
+
+def latest_results(rows: list[dict]) -> list[dict]:
+    """One row per (sample, method, budget): the last successful one, else the last error row.
+
+    A rerun retries error rows and appends the new row after the old one; readers take this view.
+    """
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["sample_id"], r["method"], r["budget"])
+        if key not in best or "error" not in r or "error" in best[key]:
+            best[key] = r
+    return list(best.values())
 
 
 class Runner:
-    """Evaluate ``config`` on ``samples`` with ``model``, writing into ``out``."""
+    """Evaluate ``config`` on ``samples`` with ``model``, writing into ``out``.
 
-    def __init__(self, model, tokenizer, config: EvalConfig, out: str | Path):
+    A rerun skips every (sample, method, budget) already in ``results.jsonl`` except error rows,
+    which are retried (the new row is appended after the old one) unless ``keep_errors``.
+    """
+
+    def __init__(self, model, tokenizer, config: EvalConfig, out: str | Path, keep_errors: bool = False):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.keep_errors = keep_errors
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / RESULTS
@@ -98,7 +114,10 @@ class Runner:
         return policy
 
     def run(self, samples: list[Sample], on_sample: Callable[[int, int], None] | None = None) -> list[dict]:
-        done = {(r["sample_id"], r["method"], r["budget"]): r for r in read_results(self.path)}
+        repair(self.path)  # a line cut by a kill: repaired or dropped (one warning), before anything is read or appended
+        done = {(r["sample_id"], r["method"], r["budget"]): r for r in latest_results(read_results(self.path))}
+        if not self.keep_errors:  # retried below
+            done = {key: r for key, r in done.items() if "error" not in r}
         for i, sample in enumerate(samples):
             todo = [(m, b) for m, b in self.config.runs() if (sample.id, m, b) not in done]
             if todo:
@@ -133,6 +152,7 @@ class Runner:
                 continue
             start = time.perf_counter()
             try:
+                check_eviction_window(model, state.length + sample.max_new_tokens - 1)
                 policy = self.policy(method, budget, sample)
                 if isinstance(policy, Oracle):
                     scores = policy.reduce(list(truth), model.config.num_key_value_heads)
@@ -172,6 +192,8 @@ class Runner:
             share = (time.perf_counter() - start) / len(items)
             for (method, budget, kept, seconds), tokens in zip(items, outputs):
                 row = self.row(sample, method, budget, tokens, kept, truth, seconds + share, reference)
+                if method == "speckv":  # None: self-draft (the target's own answer, an upper bound)
+                    row["draft"] = self.policies[method].draft_name
                 self.append(row)
                 yield row
 
@@ -194,7 +216,5 @@ class Runner:
         return row
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        append_record(self.path, row)  # repairs a line cut by an earlier kill first
 

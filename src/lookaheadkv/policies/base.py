@@ -56,8 +56,12 @@ def reduce_gqa(scores: torch.Tensor, kv_heads: int, how: str = "mean") -> torch.
 
 
 def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """1-D max-pooling along the prompt (stride 1, same length); kernel <= 1 is a no-op."""
-    if kernel <= 1:
+    """1-D max-pooling along the prompt (stride 1, same length); kernel <= 1 is a no-op.
+
+    Any length works, also one shorter than the kernel (the window is clipped to the sequence)
+    and an empty one (a prompt that lies wholly inside SnapKV's window leaves no prefix to pool).
+    """
+    if kernel <= 1 or scores.shape[-1] == 0:
         return scores
     return F.max_pool1d(scores[None], kernel_size=kernel, stride=1, padding=kernel // 2)[0][..., : scores.shape[-1]]
 
@@ -147,6 +151,11 @@ class Policy:
         if self.gqa_reduce not in GQA_REDUCTIONS:
             raise ValueError(f"gqa_reduce must be one of {', '.join(GQA_REDUCTIONS)}, got {self.gqa_reduce!r}")
 
+    @property
+    def label(self) -> str:
+        """The name shown in tables and plots (SpecKV without a draft model says it is an upper bound)."""
+        return self.name
+
     def observer(self):
         """An observer to run during the prompt's prefill, or None."""
         return None
@@ -160,7 +169,8 @@ class Policy:
         raise NotImplementedError
 
     def layer_budgets(self, num_layers: int, prompt_len: int) -> list[int]:
-        return [resolve_budget(self.budget, prompt_len)] * num_layers
+        """Entries kept per layer: the budget, capped at the prompt (a budget at or above it keeps it all)."""
+        return [min(prompt_len, resolve_budget(self.budget, prompt_len))] * num_layers
 
     def reduce(self, per_head: list[torch.Tensor], kv_heads: int) -> list[torch.Tensor]:
         return [reduce_gqa(s, kv_heads, self.gqa_reduce) for s in per_head]

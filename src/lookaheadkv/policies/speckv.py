@@ -16,17 +16,27 @@ from ..engine.generate import eos_ids
 from ..engine.prefill import extend, prefill
 from .base import AttentionMass, Policy, max_pool
 
+#: How SpecKV is shown when it drafts with the target itself (no draft model given): its draft is
+#: then the full-cache answer's own beginning, so it is an upper bound, not a practical method.
+SELF_DRAFT_LABEL = "SpecKV (self-draft: the target's own answer, an upper bound)"
+
+
+def speckv_label(draft_name: str | None) -> str:
+    """The display name of SpecKV with a draft model named ``draft_name`` (None: self-draft)."""
+    return SELF_DRAFT_LABEL if draft_name is None else f"SpecKV (draft: {draft_name})"
+
 
 @dataclass
 class SpecKV(Policy):
-    """The draft model answers first; the target's window queries plus the draft's queries vote (max).
+    """The draft model answers first; the target's window queries plus the draft's queries vote (max); with no draft model it is SpecKV (self-draft: the target's own answer, an upper bound).
 
     Parameters
     ----------
     draft : model, str or None
         A causal LM sharing the target's tokenizer, or a name/folder for ``load_model``.
         None drafts with the target model itself (for a model with no smaller sibling,
-        such as the bundled SmolLM2; then the draft is the full-cache answer's beginning).
+        such as the bundled SmolLM2). The draft is then the full-cache answer's own beginning:
+        an oracle in disguise, labelled everywhere as :data:`SELF_DRAFT_LABEL` (an upper bound).
     n_draft : int
         Draft tokens (stops early at end of sequence).
     window : int
@@ -42,6 +52,24 @@ class SpecKV(Policy):
     gqa_reduce: str = "max"
     name = "speckv"
     prefill_only = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.draft, type) or (self.draft is not None and not isinstance(self.draft, (str, torch.nn.Module))):
+            raise TypeError(f"draft must be a loaded causal LM, a hub id or a folder, or None (self-draft), got {self.draft!r}")
+
+    @property
+    def draft_name(self) -> str | None:
+        """The draft model's name (a hub id or folder), None when drafting with the target itself."""
+        if self.draft is None:
+            return None
+        if isinstance(self.draft, str):
+            return self.draft
+        return getattr(self.draft.config, "_name_or_path", "") or "a draft model"
+
+    @property
+    def label(self) -> str:
+        return speckv_label(self.draft_name)
 
     def observer(self):
         return AttentionMass(last_rows=self.window, reduce="max")
