@@ -306,18 +306,20 @@ def parse_list(text: str, option: str, kind=str) -> list:
 
 
 def resolve_tasks(text: str) -> list[str]:
-    from .evaluation.tasks import TASK_GROUPS, TASKS
+    from .evaluation.tasks import HELDOUT_TASKS, TASK_GROUPS, TASKS
 
     tasks = []
     for name in parse_list(text, "--tasks"):
         if name == "all":
             tasks += list(TASKS)
+        elif name == "heldout":
+            tasks += list(HELDOUT_TASKS)
         elif name in TASK_GROUPS:
             tasks += list(TASK_GROUPS[name])
-        elif name in TASKS:
+        elif name in TASKS or name in HELDOUT_TASKS:
             tasks.append(name)
         else:
-            fail(f"unknown task {name!r}; choose from: all, {', '.join(sorted(TASK_GROUPS))}, {', '.join(sorted(TASKS))}")
+            fail(f"unknown task {name!r}; choose from: all, heldout, {', '.join(sorted(TASK_GROUPS))}, {', '.join(sorted(TASKS))}, {', '.join(sorted(HELDOUT_TASKS))}")
     return list(dict.fromkeys(tasks))
 
 
@@ -392,7 +394,7 @@ def evaluate(
     model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the bundled SmolLM2."),
     methods: str = typer.Option("full,snapkv,pyramidkv,streamingllm,h2o,tova,lookahead", help="Comma-separated methods."),
     budgets: str = typer.Option("64,128,256", help="Comma-separated KV budgets per head: entries (128) or ratios of the prompt (0.1; 1.0 = all)."),
-    tasks: str = typer.Option("all", help="Task names or groups (niah, multi_niah, tracking, aggregation, qa), or all."),
+    tasks: str = typer.Option("all", help="Task names or groups (niah, multi_niah, tracking, aggregation, qa), all (the suite), or heldout (the generalisation set)."),
     lengths: str = typer.Option("2048", help="Prompt lengths in tokens."),
     samples: int = typer.Option(5, min=1, help="Samples per task and length (per task group with --per-group)."),
     per_group: bool = typer.Option(False, "--per-group", help="--samples counts per task group, shared over its tasks, groups interleaved (a partial run covers every group equally)."),

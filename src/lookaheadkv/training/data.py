@@ -50,7 +50,9 @@ def _check_manifest(out: Path, manifest: dict) -> None:
         path.write_text(json.dumps(manifest, indent=2) + "\n")
         return
     old = json.loads(path.read_text())
-    for key in ("model", "max_new_tokens", "prompts"):
+    for key in ("model", "max_new_tokens", "prompts", "dtype"):
+        if key == "dtype" and key not in old:
+            continue  # folders built before the dtype was recorded were float32
         if old.get(key) != manifest.get(key):
             raise ValueError(
                 f"{out} was built with {key}={old.get(key)!r}, this run asks for {manifest.get(key)!r}: "
@@ -79,11 +81,14 @@ def build(
 
     With ``batch_size`` > 1 the responses of that many prompts are generated together
     (a left-padded batch), which is much faster on any hardware; the labels are always
-    computed one sample at a time.
+    computed one sample at a time. Batches are formed from runs of ``8 * batch_size``
+    pending prompts sorted by length, so little of a batch is padding; the order depends
+    only on what is pending, so a resumed build forms the same kind of batches.
     """
     out = Path(out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    _check_manifest(out, {"model": model_name, "max_new_tokens": max_new_tokens, "prompts": fingerprint(records), "count": len(records)})
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    _check_manifest(out, {"model": model_name, "dtype": dtype, "max_new_tokens": max_new_tokens, "prompts": fingerprint(records), "count": len(records)})
     pending = []
     for index in range(len(records)):
         if only is not None and index not in only:
@@ -94,8 +99,7 @@ def build(
         else:
             pending.append(index)
     built = 0
-    for first in range(0, len(pending), batch_size):
-        chunk = pending[first : first + batch_size]
+    for chunk in _length_batches(pending, records, batch_size):
         start = time.perf_counter()
         responses = [None] * len(chunk)
         if batch_size > 1:
@@ -107,6 +111,18 @@ def build(
             if on_progress:
                 on_progress(index, skipped=False)
     return built
+
+
+def _length_batches(pending: list[int], records: list[PromptRecord], batch_size: int) -> list[list[int]]:
+    """Batches of ``batch_size`` indices; within each run of ``8 * batch_size`` pending indices, by length."""
+    if batch_size == 1:
+        return [[i] for i in pending]
+    batches = []
+    run = 8 * batch_size
+    for first in range(0, len(pending), run):
+        group = sorted(pending[first : first + run], key=lambda i: (len(records[i].token_ids), i))
+        batches += [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
+    return batches
 
 
 def _save_sample(out: Path, index: int, record: PromptRecord, model, max_new_tokens, eos_token_ids, response, start) -> None:

@@ -562,7 +562,9 @@ def mixture(
     ----------
     tokenizer : transformers tokenizer
     sizes : mapping of str to int
-        Prompts per source, e.g. ``{"essays": 200, "synthetic": 100, "fewshot": 50}``.
+        Prompts per source, e.g. ``{"essays": 200, "synthetic": 100, "fewshot": 50}``; the
+        sources are :data:`OFFLINE_SOURCES` and :data:`.textsources.TEXT_SOURCES` (code, docs,
+        retrieval, chat).
     lengths : (int, int)
         Range of target lengths in tokens; each prompt's target is drawn log-uniformly.
     seed : int
@@ -571,10 +573,13 @@ def mixture(
     -------
     list of Prompt
     """
-    unknown = sorted(set(sizes) - set(OFFLINE_SOURCES))
+    from .textsources import TEXT_SOURCES
+
+    available = {**OFFLINE_SOURCES, **TEXT_SOURCES}
+    unknown = sorted(set(sizes) - set(available))
     if unknown:
-        raise ValueError(f"unknown offline sources {unknown}; choose from {sorted(OFFLINE_SOURCES)}")
-    prompts = [p for name in sorted(sizes) for p in OFFLINE_SOURCES[name](tokenizer, sizes[name], lengths, seed)]
+        raise ValueError(f"unknown offline sources {unknown}; choose from {sorted(available)}")
+    prompts = [p for name in sorted(sizes) for p in available[name](tokenizer, sizes[name], lengths, seed)]
     return _shuffled(prompts, seed)
 
 

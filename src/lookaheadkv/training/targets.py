@@ -24,10 +24,25 @@ def normalise(mass: torch.Tensor) -> torch.Tensor:
     return mass / mass.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
+class _Float32Mass(AttentionMass):
+    """AttentionMass whose rows are computed from float32 copies of the queries and keys.
+
+    In a bf16 or fp16 model the queries and keys are what that model computes, but ``Q K^T``,
+    the softmax and the sum over the answer's rows are float32, so a label differs from an
+    fp32 model's only through the model's own rounding, not through the labelling arithmetic.
+    """
+
+    def __call__(self, layer_idx, query, key, scaling):
+        super().__call__(layer_idx, query.float(), key.float(), scaling)
+
+    def takes_probs(self, q: int, k: int) -> bool:
+        return False  # the engine's shared rows are in the model's dtype
+
+
 @torch.no_grad()
 def ground_truth(model, state: Prefill, response_ids: list[int], chunk: int = 128) -> torch.Tensor:
-    """(layers, heads, L) importance of each prompt token to ``response_ids``, L1-normalised."""
-    observer = AttentionMass(chunk=chunk)
+    """(layers, heads, L) importance of each prompt token to ``response_ids``, L1-normalised (float32 arithmetic)."""
+    observer = _Float32Mass(chunk=chunk)
     ids = torch.tensor([response_ids], device=model.device)
     extend(model, state.cache, state.length, input_ids=ids, observers=[observer])
     return normalise(torch.stack(observer.per_layer()).float())

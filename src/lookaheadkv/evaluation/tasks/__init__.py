@@ -8,6 +8,9 @@ Tasks (see :data:`TASKS`), by report group (:data:`TASK_GROUPS`):
 - ``aggregation``: common_words, frequent_words
 - ``qa``: passage_qa
 
+Outside ``all``, the held-out generalisation group ``heldout`` (:mod:`.heldout`): needles
+over package prose and templates that no training source uses, eval split only.
+
 Samples are generated deterministically from a seed, at prompt lengths measured in
 tokens of the given tokenizer. ``split="train"`` and ``split="eval"`` draw from disjoint
 seed spaces, essays, filler sentences and needle vocabularies; :func:`assert_disjoint`
@@ -15,6 +18,7 @@ checks it for any two lists of samples.
 """
 
 from lookaheadkv.evaluation.tasks.generators import TASK_GROUPS, TASKS, TaskSpec
+from lookaheadkv.evaluation.tasks.heldout import HELDOUT_TASKS
 from lookaheadkv.evaluation.tasks.sample import Sample, encode_prompt, has_chat_template, score_sample
 from lookaheadkv.evaluation.tasks.suite import (
     LENGTH_TOLERANCE,
@@ -27,6 +31,7 @@ from lookaheadkv.evaluation.tasks.suite import (
 from lookaheadkv.evaluation.tasks.text import SPLITS, is_train_essay
 
 __all__ = [
+    "HELDOUT_TASKS",
     "LENGTH_TOLERANCE",
     "SPLITS",
     "TASKS",

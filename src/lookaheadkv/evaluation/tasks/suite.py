@@ -7,7 +7,9 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lookaheadkv.evaluation.tasks.generators import TASKS, Draft
+from lookaheadkv.evaluation.tasks.generators import TASKS, Draft, TaskSpec
+from lookaheadkv.evaluation.tasks.heldout import GROUP as HELDOUT_GROUP
+from lookaheadkv.evaluation.tasks.heldout import HELDOUT_TASKS
 from lookaheadkv.evaluation.tasks.sample import Sample, encode_prompt
 from lookaheadkv.evaluation.tasks.text import SPLITS, split_pools
 
@@ -75,6 +77,14 @@ def _fit(draft: Draft, tokenizer: Any, target_tokens: int) -> tuple[str, list[di
     return measured[best]
 
 
+def _spec(task: str) -> TaskSpec:
+    """The suite's task or a held-out generalisation task."""
+    spec = TASKS.get(task) or HELDOUT_TASKS.get(task)
+    if spec is None:
+        raise KeyError(f"unknown task {task!r}; choose from {sorted(TASKS) + sorted(HELDOUT_TASKS)}")
+    return spec
+
+
 def make_sample(
     task: str, tokenizer: Any, target_tokens: int, seed: int, split: str = "eval", index: int = 0
 ) -> Sample:
@@ -94,9 +104,9 @@ def make_sample(
     split
         "eval" or "train"; the two draw from disjoint pools (see ``text.SplitPools``).
     """
-    if task not in TASKS:
-        raise KeyError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    spec = TASKS[task]
+    spec = _spec(task)
+    if spec.group == HELDOUT_GROUP and split != "eval":
+        raise ValueError(f"the held-out generalisation task {task!r} has only split='eval': it must never be trained on")
     rng = random.Random(sample_seed(split, task, target_tokens, seed, index))
     draft = spec.build(rng, split_pools(split), target_tokens)
     context, messages, prompt_ids = _fit(draft, tokenizer, target_tokens)
@@ -145,9 +155,7 @@ def make_suite(
         ]
     members: dict[str, list[str]] = {}
     for task in tasks:
-        if task not in TASKS:
-            raise KeyError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-        members.setdefault(TASKS[task].group, []).append(task)
+        members.setdefault(_spec(task).group, []).append(task)
     # the r-th sample of every group comes before the (r+1)-th of any: r = i * (tasks in the group) + k
     order = []
     for g, group_tasks in enumerate(members.values()):

@@ -1,0 +1,330 @@
+"""Offline training sources over the text that ships on every machine (:mod:`lookaheadkv.corpus`).
+
+- ``code``: questions about, completion of and search in the standard library's source
+  (the paper's "The Stack" share).
+- ``docs``: tasks over the installed packages' README text (the *training* packages only).
+- ``retrieval``: needles hidden in essays, code or package prose, drawn from many needle,
+  value and question templates of this file (none of the evaluation suite's, none of the
+  held-out generalisation set's), one to five needles, one to three asked.
+- ``chat``: two- and three-turn conversations over a document, code or essay passage: the
+  earlier assistant turns are written from the text itself, the final user turn asks a new
+  question that needs the context again.
+
+Every source is a function ``f(tokenizer, n, lengths, seed) -> list[Prompt]`` whose prompt
+``i`` depends only on ``(seed, i)``, registered in :data:`TEXT_SOURCES`. None reads the
+reserved documentation text (``pydoc_data``) or the held-out package prose.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import numpy as np
+
+from .. import corpus
+from .sources import Prompt, _fit, _pick, _rng, _train_pieces, _user, draw_length
+
+# ---------------------------------------------------------------------------------------
+# Token windows over long texts
+
+
+@functools.lru_cache(maxsize=512)
+def _ids(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _window(tokenizer, docs: list[tuple[str, str]], first: int, offset: float, budget: int, header: str) -> str:
+    """About ``budget`` tokens of text: doc ``first`` from a relative ``offset``, then the next docs.
+
+    Each doc opens with ``header.format(name=...)``; the window stops at a line end when the
+    budget falls inside a line (a closer fit is left to :func:`sources._fit`'s rounds).
+    """
+    if budget <= 0:
+        return ""
+    parts, used, k = [], 0, first
+    while used < budget and k < first + len(docs):
+        name, text = docs[k % len(docs)]
+        ids = _ids(tokenizer, text)
+        start = int(offset * max(0, len(ids) - budget)) if k == first else 0
+        head = header.format(name=name)
+        take = min(len(ids) - start, budget - used - len(_ids(tokenizer, head)))
+        if take <= 0:
+            break
+        chunk = tokenizer.decode(list(ids[start : start + take]))
+        if start > 0 and "\n" in chunk:
+            chunk = chunk[chunk.index("\n") + 1 :]  # begin on a whole line
+        parts.append(head + chunk)
+        used += take + len(_ids(tokenizer, head))
+        k += 1
+    return "\n\n".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def _code_names() -> tuple[str, ...]:
+    root = corpus.stdlib_root()
+    return tuple(p.relative_to(root).as_posix() for p in corpus.stdlib_sources())
+
+
+class _LazyCode:
+    """The stdlib files as (name, text), read when indexed (a list would read 10 MB up front)."""
+
+    def __len__(self) -> int:
+        return len(_code_names())
+
+    def __getitem__(self, k: int) -> tuple[str, str]:
+        name = _code_names()[k]
+        return name, corpus.read_source(corpus.stdlib_root() / name)
+
+
+def _essay_docs() -> list[tuple[str, str]]:
+    text = "".join(_train_pieces())
+    return [(f"essay {i}", p.strip()) for i, p in enumerate(text.split("\n\n")) if p.strip()]
+
+
+# ---------------------------------------------------------------------------------------
+# code
+
+_DEF = re.compile(r"^\s*(?:async\s+)?def\s+([A-Za-z_]\w*)\s*\(", re.M)
+_CLASS = re.compile(r"^\s*class\s+([A-Za-z_]\w*)", re.M)
+
+_CODE_TASKS = {
+    "explain": (
+        "Explain what the function `{name}` does, step by step, and when a caller would use it.",
+        "What does `{name}` return, and what are its side effects? Refer to the code.",
+        "Describe the inputs, the output and the edge cases of `{name}` in the code above.",
+    ),
+    "locate": (
+        "Find where `{name}` is defined in the code above. Quote its definition line and list its parameters.",
+        "Which lines of the code call or define `{name}`? Quote them.",
+    ),
+    "summarise": (
+        "Summarise what this code provides: list its main classes and functions with one line each.",
+        "Write documentation for the code above: a short overview, then each public function.",
+        "What is this module for? Answer in a paragraph, then name the three most important functions.",
+    ),
+    "review": (
+        "Review the function `{name}`: what could go wrong, and which unit tests would you write for it?",
+        "Suggest how to simplify `{name}` without changing its behaviour, and show the new code.",
+    ),
+    "complete": (
+        "The code below stops in the middle. Continue it from exactly where it stops.",
+        "Complete the following Python source file; write only the lines that come next.",
+    ),
+}
+_CODE_LAYOUTS = (
+    "{instruction}\n\n```python\n{code}\n```",
+    "```python\n{code}\n```\n\n{instruction}",
+    "Here is some Python code.\n\n{code}\n\nQuestion: {instruction}",
+)
+
+
+def code_prompts(tokenizer, n: int, lengths: tuple[int, int], seed: int = 0) -> list[Prompt]:
+    """Questions about, completion of and search in the standard library's source (ids ``code:<task>:<seed>:<i>``)."""
+    return [_code_prompt(tokenizer, _rng(seed, "code", i), lengths, f"{seed}:{i}") for i in range(n)]
+
+
+def _code_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) -> Prompt:
+    docs = _LazyCode()
+    target, task = draw_length(rng, lengths), _pick(rng, sorted(_CODE_TASKS))
+    first, offset, where = int(rng.integers(len(docs))), float(rng.random()), float(rng.random())
+    template = _pick(rng, _CODE_TASKS[task])
+    layout = _CODE_LAYOUTS[0] if task == "complete" else _pick(rng, _CODE_LAYOUTS)
+
+    def build(budget: int) -> list[dict]:
+        code = _window(tokenizer, docs, first, offset, budget, "# file: Lib/{name}\n")
+        names = _DEF.findall(code[: int(len(code) * 0.8)]) or _CLASS.findall(code) or ["main"]
+        return _user(layout.format(instruction=template.format(name=names[int(where * len(names))]), code=code))
+
+    return Prompt(f"code:{task}:{key}", "code", _fit(build, tokenizer, target))
+
+
+# ---------------------------------------------------------------------------------------
+# docs
+
+_DOC_TASKS = (
+    "Summarise this documentation for a new user in five bullet points.",
+    "According to the documentation above, how do you install the package and what is a first thing to try with it?",
+    "List every feature of the package that the text mentions.",
+    "Extract every command, function or option name that appears in the text, one per line.",
+    "Write a short tutorial based only on this documentation.",
+    "What problems does this package solve, and what are its limitations according to the text?",
+    "Answer from the text: {quote_question}",
+    "Explain the following sentence of the documentation in simpler words: \"{quote}\"",
+)
+
+
+def _sentence(text: str, where: float) -> str:
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if 40 <= len(s.strip()) <= 240]
+    return sentences[int(where * len(sentences))] if sentences else text[:120]
+
+
+def docs_prompts(tokenizer, n: int, lengths: tuple[int, int], seed: int = 0) -> list[Prompt]:
+    """Tasks over the training packages' README text (ids ``docs:<seed>:<i>``)."""
+    return [_docs_prompt(tokenizer, _rng(seed, "docs", i), lengths, f"{seed}:{i}") for i in range(n)]
+
+
+def _docs_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) -> Prompt:
+    docs = list(corpus.training_prose())
+    target = draw_length(rng, lengths)
+    first, offset, where = int(rng.integers(len(docs))), float(rng.random()) * 0.3, float(rng.random())
+    template = _pick(rng, _DOC_TASKS)
+    quote = _sentence(docs[first][1][: len(docs[first][1]) // 2], where)
+    instruction = template.format(quote=quote, quote_question=f"what does the documentation say right after \"{quote[:80]}\"?")
+    layout = _pick(rng, ("{instruction}\n\n{text}", "{text}\n\n{instruction}", "Documentation:\n{text}\n\nTask: {instruction}"))
+
+    def build(budget: int) -> list[dict]:
+        return _user(layout.format(instruction=instruction, text=_window(tokenizer, docs, first, offset, budget, "## {name}\n")))
+
+    return Prompt(f"docs:{key}", "docs", _fit(build, tokenizer, target))
+
+
+# ---------------------------------------------------------------------------------------
+# retrieval
+
+_RETRIEVAL_WORDS = (
+    "amber", "basalt", "cedar", "delta", "falcon", "glacier", "harbor", "indigo", "juniper", "kestrel",
+    "lagoon", "meadow", "nebula", "orchid", "pepper", "quartz", "raven", "saffron", "tundra", "umber",
+    "velvet", "willow", "yonder", "zephyr", "copper", "maple", "onyx", "prairie", "summit", "timber",
+)  # fmt: skip
+_KEYS = (
+    "the blue project", "account 7741", "the north warehouse", "Dr. Alvarez", "the spring release",
+    "room 12", "the Lisbon office", "batch C", "the night shift", "the backup server", "order 3390",
+    "the chess club", "Professor Okafor", "the east gate", "the summer fair", "locker 48",
+)  # fmt: skip
+
+
+def _value(rng: np.random.Generator, kind: str) -> str:
+    if kind == "number":
+        return str(int(rng.integers(10_000, 10_000_000)))
+    if kind == "phrase":
+        return " ".join(str(w) for w in rng.choice(_RETRIEVAL_WORDS, size=int(rng.integers(2, 6)), replace=False))
+    if kind == "code":
+        letters = "".join(chr(65 + int(x)) for x in rng.integers(0, 26, size=4))
+        return f"{letters}{int(rng.integers(100, 1000))}-{int(rng.integers(10, 100))}"
+    if kind == "date":
+        months = ("January", "March", "April", "June", "August", "October", "November", "December")
+        return f"{_pick(rng, months)} {int(rng.integers(1, 29))}, {int(rng.integers(1950, 2040))}"
+    return "".join(f"{int(x):x}" for x in rng.integers(0, 16, size=8)) + "-" + "".join(f"{int(x):x}" for x in rng.integers(0, 16, size=4))
+
+
+_VALUE_KINDS = ("number", "phrase", "code", "date", "hex")
+_NEEDLES = (
+    ("The secret password for {key} is {value}.", "What is the secret password for {key}?"),
+    ("Note to self: {key} -> {value}.", "What did the note say {key} maps to?"),
+    ("Important: the value associated with {key} is {value}.", "Which value is associated with {key}?"),
+    ("According to the records, {key} was assigned {value}.", "What was {key} assigned according to the records?"),
+    ("[memo] {key}: {value}", "What does the memo list for {key}?"),
+    ("Remember that the code word for {key} is \"{value}\".", "What is the code word for {key}?"),
+    ("The inventory tag of {key} reads {value}.", "What does the inventory tag of {key} read?"),
+    ("By the way, {key} has the identifier {value}.", "Give the identifier of {key}."),
+    ("SETTING {key} = {value}", "What is SETTING {key} set to?"),
+    ("The deadline recorded for {key} is {value}.", "What deadline is recorded for {key}?"),
+    ("Fact: the lucky token of {key} is {value}.", "What is the lucky token of {key}?"),
+    ("{key} should always be filed under {value}.", "Under what should {key} be filed?"),
+)
+_ASK_STYLES = (
+    "{questions}",
+    "{questions} Answer with the value only.",
+    "Using the text above, answer: {questions}",
+    "{questions} Copy the exact value from the text.",
+    "Find the answer in the document. {questions} Reply briefly.",
+    "{questions} If several values are asked, list them in order, one per line.",
+)
+_INTROS = (
+    "Read the following text; a few facts are hidden in it.",
+    "Below is a long document. Some statements in it matter for the question at the end.",
+    "",
+    "Here is a document with some inserted notes. Pay attention to them.",
+)
+
+
+def retrieval_prompts(tokenizer, n: int, lengths: tuple[int, int], seed: int = 0) -> list[Prompt]:
+    """Needles over essays, code or package prose, from many templates (ids ``retrieval:<filler>:<seed>:<i>``)."""
+    return [_retrieval_prompt(tokenizer, _rng(seed, "retrieval", i), lengths, f"{seed}:{i}") for i in range(n)]
+
+
+def _retrieval_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) -> Prompt:
+    target = draw_length(rng, lengths)
+    filler = _pick(rng, ("essays", "code", "docs"))
+    docs = {"essays": _essay_docs, "code": _LazyCode, "docs": lambda: list(corpus.training_prose())}[filler]()
+    first, offset = int(rng.integers(len(docs))), float(rng.random())
+    n_needles = int(rng.integers(1, 6))
+    n_asked = int(rng.integers(1, min(3, n_needles) + 1))
+    keys = [str(k) for k in rng.choice(_KEYS, size=n_needles, replace=False)]
+    needle, question = _pick(rng, _NEEDLES)
+    kind = _pick(rng, _VALUE_KINDS)
+    needles = [needle.format(key=k, value=_value(rng, kind)) for k in keys]
+    depths = sorted(float(d) for d in rng.random(n_needles))
+    questions = " ".join(question.format(key=k) for k in keys[:n_asked])
+    ask = _pick(rng, _ASK_STYLES).format(questions=questions)
+    intro = _pick(rng, _INTROS)
+
+    def build(budget: int) -> list[dict]:
+        text = _window(tokenizer, docs, first, offset, budget - 24 * n_needles, "")
+        sep, units = ("\n", text.split("\n")) if text.count("\n") > 40 else (" ", re.split(r"(?<=[.!?])\s+", text))
+        for depth, sentence in reversed(list(zip(depths, needles))):
+            units.insert(int(depth * len(units)), sentence)
+        body = sep.join(units)
+        return _user(f"{intro}\n\n{body}\n\n{ask}".strip())
+
+    return Prompt(f"retrieval:{filler}:{key}", "retrieval", _fit(build, tokenizer, target))
+
+
+# ---------------------------------------------------------------------------------------
+# chat
+
+_FIRST_ASKS = (
+    "Can you tell me briefly what this is about?",
+    "Give me a one-sentence summary of this.",
+    "What is the first thing this text talks about?",
+)
+_FOLLOW_UPS = (
+    "Thanks. Now, what does the text say near the end?",
+    "Which part of the text did you find most surprising, and why? Quote it.",
+    "Good. Can you list three specific details from the middle of the text?",
+    "Now explain the sentence \"{quote}\" in context.",
+    "Based on the same text, what question would you ask the author? Justify it with a quote.",
+    "One more thing: write a title for each section of the text.",
+)
+
+
+def chat_prompts(tokenizer, n: int, lengths: tuple[int, int], seed: int = 0) -> list[Prompt]:
+    """Multi-turn chats over a document, code or essay passage (ids ``chat:<material>:<seed>:<i>``)."""
+    return [_chat_prompt(tokenizer, _rng(seed, "chat", i), lengths, f"{seed}:{i}") for i in range(n)]
+
+
+def _chat_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) -> Prompt:
+    target = draw_length(rng, lengths)
+    material = _pick(rng, ("essays", "code", "docs"))
+    docs = {"essays": _essay_docs, "code": _LazyCode, "docs": lambda: list(corpus.training_prose())}[material]()
+    first, offset, where = int(rng.integers(len(docs))), float(rng.random()), float(rng.random())
+    first_ask, follow_up = _pick(rng, _FIRST_ASKS), _pick(rng, _FOLLOW_UPS)
+    turns = int(rng.integers(2, 4))
+
+    def build(budget: int) -> list[dict]:
+        text = _window(tokenizer, docs, first, offset, budget, "")
+        opening = _sentence(text, 0.0) if text else "It is a text."
+        quote = _sentence(text, where) if text else ""
+        messages = [
+            {"role": "user", "content": f"{text}\n\n{first_ask}"},
+            {"role": "assistant", "content": f"It begins like this: \"{opening[:200]}\""},
+        ]
+        if turns == 3:
+            messages += [
+                {"role": "user", "content": "Is it long?"},
+                {"role": "assistant", "content": "Fairly long; it continues on the same subject."},
+            ]
+        messages.append({"role": "user", "content": follow_up.format(quote=quote[:160])})
+        return messages
+
+    return Prompt(f"chat:{material}:{key}", "chat", _fit(build, tokenizer, target))
+
+
+TEXT_SOURCES = {
+    "code": code_prompts,
+    "docs": docs_prompts,
+    "retrieval": retrieval_prompts,
+    "chat": chat_prompts,
+}
+"""Text source name -> ``f(tokenizer, n, lengths, seed) -> list[Prompt]``."""
