@@ -272,7 +272,8 @@ def train(
     eval_samples: int = typer.Option(16, min=0),
     save_every: int = typer.Option(25, min=1),
     seed: int = typer.Option(0),
-    dtype: Optional[str] = typer.Option(None, help="bfloat16 on GPU; default: the checkpoint's dtype."),
+    dtype: Optional[str] = typer.Option(None, help="Base model dtype: bfloat16 on GPUs and on CPUs with AVX-512 BF16 (the modules and Adam stay float32; the loss is float32); default: the checkpoint's dtype."),
+    init: Optional[Path] = typer.Option(None, help="Start from this checkpoint folder when --out holds none (carry a run on on another machine)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
 ):
     """Train lookahead modules on a built data folder (runs under torchrun / accelerate launch too)."""
@@ -288,7 +289,7 @@ def train(
         torch.set_num_threads(threads)
     if not data.is_dir():
         fail(f"data folder not found: {data}")
-    cfg = TrainConfig(data=str(data), out=str(out), steps=steps, batch=batch, lr=lr, schedule=schedule, warmup=warmup, clip=clip, seed=seed, n_lookahead=n_lookahead, rank=rank, alpha=alpha, eval_every=eval_every, eval_samples=eval_samples, save_every=save_every)
+    cfg = TrainConfig(data=str(data), out=str(out), steps=steps, batch=batch, lr=lr, schedule=schedule, warmup=warmup, clip=clip, seed=seed, n_lookahead=n_lookahead, rank=rank, alpha=alpha, eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, init=str(init) if init else None)
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     llm, _ = load_model(model, dtype=dtype, device=device)
     run(llm, cfg)

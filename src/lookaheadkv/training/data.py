@@ -6,7 +6,9 @@ Layout of a data folder::
     samples/000123.safetensors    prompt_ids (int32), response_ids (int32), labels (fp16, layers x heads x L)
 
 Each sample is written to a temporary name and renamed, so an interrupted build leaves
-only whole samples; a rerun skips them and continues.
+only whole samples; a rerun skips them and continues. A sample that was damaged after it
+was written (a truncated copy, a disk error) is found on the rerun, moved aside as
+``*.bad`` and built again; reading a damaged sample raises :class:`DataError` naming it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,52 @@ from safetensors.torch import save_file
 from .targets import generate_responses, make_target
 
 MANIFEST = "manifest.json"
+KEYS = {"prompt_ids": torch.int32, "response_ids": torch.int32, "labels": torch.float16}
+
+
+class DataError(ValueError):
+    """A sample file that cannot be trained on (truncated, wrong shapes, non-finite labels)."""
+
+
+def _ids_hash(ids) -> str:
+    return hashlib.sha256(bytes(str([int(t) for t in ids]), "ascii")).hexdigest()[:16]
+
+
+def read_sample(path: Path, full: bool = True) -> dict:
+    """The tensors and metadata of one sample file, checked; raises :class:`DataError` naming the file.
+
+    Checks: the file opens, holds the three tensors with their dtypes, ``labels`` is
+    ``(layers, heads, len(prompt_ids))``; with ``full``, the labels are finite, non-negative
+    and sum to about 1 per row, and the prompt matches the hash recorded when it was built.
+    """
+    fix = f"delete {path} and rerun the same 'lookaheadkv data build' command to rebuild it"
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if set(f.keys()) != set(KEYS) or "id" not in meta:
+                raise DataError(f"{path} is not a sample (tensors {sorted(f.keys())}): {fix}")
+            shapes = {k: f.get_slice(k).get_shape() for k in KEYS}
+            item = {k: f.get_tensor(k) for k in KEYS} if full else {}
+    except DataError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise DataError(f"{path} is damaged ({type(err).__name__}: {str(err).strip()[:80]}): {fix}") from None
+    labels, prompt = shapes["labels"], shapes["prompt_ids"]
+    if len(labels) != 3 or len(prompt) != 1 or labels[2] != prompt[0] or len(shapes["response_ids"]) != 1:
+        raise DataError(f"{path} has labels {labels} for a prompt of {prompt}: {fix}")
+    if full:
+        for key, dtype in KEYS.items():
+            if item[key].dtype != dtype:
+                raise DataError(f"{path}: {key} is {item[key].dtype}, expected {dtype}: {fix}")
+        lab = item["labels"].float()
+        if not torch.isfinite(lab).all() or (lab < 0).any():
+            raise DataError(f"{path} holds non-finite or negative labels: {fix}")
+        if (lab.sum(-1) - 1).abs().max() > 0.02:
+            raise DataError(f"{path}: label rows do not sum to 1 (max error {(lab.sum(-1) - 1).abs().max():.3g}): {fix}")
+        if "prompt_sha" in meta and _ids_hash(item["prompt_ids"].tolist()) != meta["prompt_sha"]:
+            raise DataError(f"{path}: the prompt does not match the hash recorded when it was built: {fix}")
+    item["id"], item["source"] = meta["id"], meta.get("source", "")
+    return item
 
 
 @dataclass
@@ -93,7 +142,8 @@ def build(
     for index in range(len(records)):
         if only is not None and index not in only:
             continue
-        if sample_path(out, index).exists():
+        path = sample_path(out, index)
+        if path.exists() and _readable(path):
             if on_progress:
                 on_progress(index, skipped=True)
         else:
@@ -111,6 +161,17 @@ def build(
             if on_progress:
                 on_progress(index, skipped=False)
     return built
+
+
+def _readable(path: Path) -> bool:
+    """True for a whole sample file; a damaged one is moved aside (``.bad``), said on stderr, and rebuilt."""
+    try:
+        read_sample(path, full=False)
+        return True
+    except DataError as err:
+        os.replace(path, path.with_suffix(".bad"))
+        print(f"warning: {str(err).split(': delete')[0]}; moved aside as {path.with_suffix('.bad').name} and rebuilt", file=sys.stderr)
+        return False
 
 
 def _length_batches(pending: list[int], records: list[PromptRecord], batch_size: int) -> list[list[int]]:
@@ -132,7 +193,7 @@ def _save_sample(out: Path, index: int, record: PromptRecord, model, max_new_tok
         "response_ids": target["response_ids"].to(torch.int32),
         "labels": target["labels"].to(torch.float16).contiguous(),
     }
-    meta = {"id": record.id, "source": record.source, "seconds": f"{time.perf_counter() - start:.2f}"}
+    meta = {"id": record.id, "source": record.source, "seconds": f"{time.perf_counter() - start:.2f}", "prompt_sha": _ids_hash(record.token_ids)}
     path = sample_path(out, index)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -159,17 +220,13 @@ class TargetDataset:
 
     @staticmethod
     def _id(path: Path) -> str:
-        with safe_open(str(path), "pt") as f:
-            return f.metadata()["id"]
+        return read_sample(path, full=False)["id"]
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        with safe_open(str(self.paths[i]), "pt") as f:
-            item = {k: f.get_tensor(k) for k in f.keys()}
-            item["id"] = f.metadata()["id"]
-            item["source"] = f.metadata()["source"]
+        item = read_sample(self.paths[i])
         item["labels"] = item["labels"].float()
         item["prompt_ids"] = item["prompt_ids"].long()
         return item

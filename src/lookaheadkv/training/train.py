@@ -25,6 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..engine.evict import select
+from ..records import append_record, read_records
 from ..engine.prefill import prefill
 from ..evaluation.metrics import attention_recall
 from ..lookahead import LookaheadModules
@@ -33,6 +34,11 @@ from ..policies.snapkv import SnapKV
 from .data import TargetDataset
 
 EPS = 1e-10
+SHAPE_FIELDS = ("n_lookahead", "rank", "alpha")
+
+
+class TrainingError(ValueError):
+    """Training cannot go on (a non-finite loss or gradient, a resume that changes the run's shape)."""
 
 
 @dataclass
@@ -55,6 +61,7 @@ class TrainConfig:
     eval_samples: int = 16
     save_every: int = 25
     budgets: list[int] = field(default_factory=lambda: [64, 128, 256])
+    init: str | None = None  # a checkpoint folder to start from when ``out`` holds none (another machine's run)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch < 1 or self.lr <= 0:
@@ -164,8 +171,13 @@ def train(model, cfg: TrainConfig, *, progress: bool = True) -> LookaheadModules
 
     # a crash between save_checkpoint's two renames leaves only the previous checkpoint, as ".old"
     resume = checkpoint if checkpoint.exists() else checkpoint.with_name(checkpoint.name + ".old")
+    if not resume.exists() and cfg.init is not None:
+        resume = Path(cfg.init)
+        if not (resume / "state.json").exists():
+            raise FileNotFoundError(f"--init {resume} is not a training checkpoint (no state.json): give a run's checkpoint folder")
     if resume.exists():
         modules, optimizer, start = load_checkpoint(resume, model, make_optimizer)
+        _check_same_shape(modules, cfg, resume)
     else:
         torch.manual_seed(cfg.seed)
         modules = LookaheadModules.for_model(model, seed=cfg.seed, n_lookahead=cfg.n_lookahead, rank=cfg.rank, alpha=cfg.alpha)
@@ -186,6 +198,8 @@ def train(model, cfg: TrainConfig, *, progress: bool = True) -> LookaheadModules
         for micro in range(rank, cfg.batch, world):
             item = train_set[sample_order(len(train_set), cfg.seed, step * cfg.batch + micro)]
             loss = sample_loss(model, modules, item)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"non-finite loss ({loss.item()}) at step {step + 1} on sample {item['id']}; nothing was saved after step {start}: check that sample's file")
             (loss / cfg.batch).backward()
             local += loss.item()
         if world > 1:
@@ -199,14 +213,15 @@ def train(model, cfg: TrainConfig, *, progress: bool = True) -> LookaheadModules
             total = torch.tensor([local])
             dist.all_reduce(total)
             local = total.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(modules.parameters(), cfg.clip).item() if cfg.clip > 0 else float("nan")
+        grad_norm = torch.nn.utils.clip_grad_norm_(modules.parameters(), cfg.clip if cfg.clip > 0 else math.inf).item()
+        if not math.isfinite(grad_norm):
+            raise TrainingError(f"non-finite gradient norm at step {step + 1}; nothing was saved after step {start}: lower --lr or check the data")
         optimizer.step()
         record = {"step": step + 1, "loss": local / cfg.batch, "lr": lr, "grad_norm": grad_norm, "seconds": time.perf_counter() - t0}
         if rank == 0 and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps) and heldout_items:
             record["heldout"] = heldout_recall(model, modules, heldout_items, cfg.budgets)
         if rank == 0:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(out / "log.jsonl", record)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 save_checkpoint(checkpoint, modules, optimizer, step + 1)
         bar.update(step + 1, record)
@@ -219,12 +234,21 @@ def train(model, cfg: TrainConfig, *, progress: bool = True) -> LookaheadModules
     return modules
 
 
+def _check_same_shape(modules: LookaheadModules, cfg: TrainConfig, folder: Path) -> None:
+    """Refuse to resume a checkpoint with other module settings than this run asks for."""
+    diffs = [f"{k}={getattr(modules.config, k)} (asked: {getattr(cfg, k)})" for k in SHAPE_FIELDS if getattr(modules.config, k) != getattr(cfg, k)]
+    if diffs:
+        raise TrainingError(f"{folder} was trained with {', '.join(diffs)}: resume with the same settings or use a new --out folder")
+
+
 def _truncate_log(path: Path, step: int) -> None:
-    """Keep only the log lines up to ``step`` so a resumed run's log reads as one run."""
+    """Keep only the log records up to ``step`` so a resumed run's log reads as one run (a cut line is dropped)."""
     if not path.exists():
         return
-    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    path.write_text("".join(l + "\n" for l in lines))
+    rows = [r for r in read_records(path) if r.get("step", math.inf) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 class _Progress:
