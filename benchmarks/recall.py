@@ -1,7 +1,7 @@
 """Held-out attention recall of every scorer at several budgets, on the same samples.
 
 Recall@b = share of the true importance mass (the model's own greedy answer's attention to
-the prompt, METHOD.md section 1) held by the b entries a method keeps per KV head, averaged
+the prompt, docs/method.md) held by the b entries a method keeps per KV head, averaged
 over layers and query heads. Two kinds of held-out samples:
 
 * ``heldout``: the training data's held-out split (same prompt templates as training, unseen prompts);
@@ -22,18 +22,15 @@ from collections import defaultdict
 
 import torch
 
-from lookaheadkv.engine.evict import select
 from lookaheadkv.engine.generate import eos_ids
-from lookaheadkv.engine.prefill import prefill
-from lookaheadkv.evaluation.metrics import attention_recall
 from lookaheadkv.lookahead import LookaheadModules
 from lookaheadkv.models import load_model
-from lookaheadkv.policies import H2O, TOVA, LookaheadKV, PyramidKV, RandomPolicy, SnapKV, StreamingLLM
-from lookaheadkv.policies.base import Observers
+from lookaheadkv.policies import H2O, TOVA, LookaheadKV, Oracle, PyramidKV, RandomPolicy, SharedPrefill, SnapKV, StreamingLLM
 
 
 def scorers(modules) -> dict:
     return {
+        "oracle": Oracle(),  # scored from the labels (SharedPrefill's truth): the upper bound
         "random": RandomPolicy(),
         "streamingllm": StreamingLLM(),
         "tova": TOVA(),
@@ -46,25 +43,12 @@ def scorers(modules) -> dict:
     }
 
 
-@torch.no_grad()
 def recall_of(model, prompt_ids: torch.Tensor, labels: torch.Tensor, policies: dict, budgets: list[int]) -> dict:
-    observers = {name: p.observer() for name, p in policies.items()}
-    state = prefill(model, prompt_ids[None], [Observers(*[o for o in observers.values() if o is not None])])
-    out = {}
-    truth = list(labels)
-    oracle_scores = [t.view(model.config.num_key_value_heads, -1, t.shape[-1]).mean(1) for t in truth]
-    for b in budgets:
-        out[f"oracle@{b}"] = attention_recall(truth, select(oracle_scores, [b] * len(truth)))
-    for name, policy in policies.items():
-        scores = policy.scores(model, state, observers[name])
-        for b in budgets:
-            policy.budget = b
-            out[f"{name}@{b}"] = attention_recall(truth, select(scores, policy.layer_budgets(len(scores), state.length)))
-    return out
+    return SharedPrefill(model, prompt_ids[None], policies, truth=labels).recall(budgets)
 
 
 def suite_items(model, tokenizer, n: int, length: int, max_new_tokens: int):
-    from lookaheadkv.evaluation.tasks import TASKS, make_sample
+    from lookaheadkv.tasks import TASKS, make_sample
     from lookaheadkv.training.targets import make_target
 
     for task in TASKS:
@@ -107,7 +91,7 @@ def main(argv=None) -> dict:
         for _task, target in suite_items(model, tokenizer, args.suite_samples, args.length, args.max_new_tokens):
             for k, v in recall_of(model, target["prompt_ids"], target["labels"], policies, budgets).items():
                 results["suite"][k].append(v)
-    names = ["oracle"] + list(policies)
+    names = list(policies)
     summary = {}
     for kind, table in results.items():
         n = len(next(iter(table.values())))

@@ -1,6 +1,6 @@
 """LAQ, SpecKV and Oracle against straightforward references on tiny models.
 
-The references re-derive each method from its description (METHOD.md section 5) with the
+The references re-derive each method from its description (docs/method.md, "The other methods") with the
 test's own eager attention (tests/helpers.py), not with the library's observers.
 """
 

@@ -18,7 +18,7 @@ from lookaheadkv.evaluation.longbench import (
     truncate_middle,
 )
 from lookaheadkv.evaluation.metrics import LONGBENCH_SCORERS
-from lookaheadkv.evaluation.tasks import score_sample
+from lookaheadkv.evaluation.metrics import score_sample
 
 TREC_CLASSES = ["Individual", "City", "Country", "Date", "Abbreviation", "Expression abbreviated"]
 RECORDS = {

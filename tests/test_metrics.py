@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from lookaheadkv.evaluation.metrics import (
-    attention_recall,
     bootstrap_ci,
     classification_score,
     code_sim_score,
@@ -26,6 +25,7 @@ from lookaheadkv.evaluation.metrics import (
     string_match_part,
     token_f1,
 )
+from lookaheadkv.scoring import attention_recall
 
 
 def test_normalize_answer():

@@ -2,7 +2,7 @@
 
 The references read the full ``softmax(Q K^T)`` of a tiny model, captured by an eager attention
 registered in ``helpers`` (a test-only device: the library never builds L x L attention), and
-apply each method's rule as the papers describe it (METHOD.md section 5).
+apply each method's rule as the papers describe it (docs/method.md, "The other methods").
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from lookaheadkv.policies import (
     StreamingLLM,
     make_policy,
 )
-from lookaheadkv.policies.base import max_pool, reduce_gqa
+from lookaheadkv.scoring import max_pool, reduce_gqa
 
 L = 128
 KV_HEADS = 2
@@ -83,7 +83,7 @@ def group_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def snapkv_reference(probs: torch.Tensor, window: int, kernel: int) -> torch.Tensor:
     """SnapKV scores (kv_heads, L): window rows' attention to the prefix, max-pool, GQA mean; window = +inf.
 
-    Each query head is pooled BEFORE the GQA mean (METHOD.md's order). Averaging first and
+    Each query head is pooled BEFORE the GQA mean (docs/method.md's order). Averaging first and
     pooling after selects a clearly different set (max does not commute with the mean), so
     this reference pins the order down.
     """

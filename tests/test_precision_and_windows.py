@@ -149,7 +149,7 @@ def test_eviction_within_the_window_matches_the_same_model_without_a_window():
 def test_runner_refuses_sequences_past_the_sliding_window(smollm2, tmp_path):
     from helpers import tiny_for_tokenizer
     from lookaheadkv.evaluation.runner import EvalConfig, Runner
-    from lookaheadkv.evaluation.tasks import make_suite
+    from lookaheadkv.tasks import make_suite
 
     _, tokenizer = smollm2
     model = tiny_for_tokenizer(tokenizer, "mistral", seed=1, sliding_window=300)

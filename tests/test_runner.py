@@ -11,7 +11,7 @@ import torch
 from helpers import single_thread, tiny_for_tokenizer  # noqa: F401  (autouse fixture)
 from lookaheadkv.evaluation import report
 from lookaheadkv.evaluation.runner import EvalConfig, Runner, read_results
-from lookaheadkv.evaluation.tasks import make_suite
+from lookaheadkv.tasks import make_suite
 from lookaheadkv.lookahead import LookaheadModules
 
 METHODS = ["full", "snapkv", "streamingllm", "lookahead", "oracle"]

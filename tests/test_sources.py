@@ -8,18 +8,15 @@ from collections import Counter
 import pytest
 
 from lookaheadkv.models import load_essays
+from lookaheadkv.training.hub import HUB_SOURCES, PAPER_MIXTURE, hub_mixture, load_source
 from lookaheadkv.training.sources import (
     ESSAY_TASKS,
     FEWSHOT_KINDS,
-    HUB_SOURCES,
-    PAPER_MIXTURE,
     TRAIN_ESSAYS,
     Prompt,
     essay_prompts,
     fewshot_prompts,
-    hub_mixture,
     is_train_essay,
-    load_source,
     mixture,
     render,
     strip_final_assistant,
@@ -110,7 +107,7 @@ def test_essay_prompts_only_quote_training_essays(tokenizer):
 
 
 def test_training_essays_are_disjoint_from_the_eval_suite():
-    text_module = pytest.importorskip("lookaheadkv.evaluation.tasks.text")
+    text_module = pytest.importorskip("lookaheadkv.tasks.text")
     eval_texts = set(text_module.split_pools("eval").essays)
     eval_names = [n for n, t in load_essays() if text_module.clean_text(t) in eval_texts]
     assert eval_names, "the eval suite's essays should be recognisable by their text"
@@ -174,7 +171,7 @@ def test_synthetic_source_refuses_the_eval_split(tokenizer):
 
 
 def test_synthetic_prompts_come_from_the_train_split(tokenizer):
-    pytest.importorskip("lookaheadkv.evaluation.tasks", reason="the evaluation suite is not written yet")
+    pytest.importorskip("lookaheadkv.tasks", reason="the evaluation suite is not written yet")
     prompts = synthetic_prompts(tokenizer, 4, lengths=(512, 1024), seed=0)
     assert prompts == synthetic_prompts(tokenizer, 4, lengths=(512, 1024), seed=0)
     assert_no_final_answer(prompts)

@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from lookaheadkv.evaluation.tasks import (
+from lookaheadkv.evaluation.metrics import score_sample
+from lookaheadkv.tasks import (
     TASK_GROUPS,
     TASKS,
     assert_disjoint,
@@ -15,7 +16,6 @@ from lookaheadkv.evaluation.tasks import (
     make_sample,
     make_suite,
     sample_seed,
-    score_sample,
 )
 from lookaheadkv.models import load_essays
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from lookaheadkv import corpus
-from lookaheadkv.evaluation.tasks import HELDOUT_TASKS, TASKS, make_sample, score_sample
-from lookaheadkv.evaluation.tasks.heldout import TEMPLATE_PHRASES
+from lookaheadkv.evaluation.metrics import score_sample
+from lookaheadkv.tasks import HELDOUT_TASKS, TASKS, make_sample
+from lookaheadkv.tasks.heldout import TEMPLATE_PHRASES
 from lookaheadkv.training.sources import mixture, render
 from lookaheadkv.training.textsources import TEXT_SOURCES
 

@@ -36,9 +36,9 @@ from lookaheadkv.training import data as data_module
 from lookaheadkv.training import train as train_module
 from lookaheadkv.training.data import PromptRecord, TargetDataset, build, sample_path
 from lookaheadkv.training.targets import ground_truth, make_target
+from lookaheadkv.scoring import attention_recall
 from lookaheadkv.training.train import (
     TrainConfig,
-    attention_recall,
     kl_loss,
     learning_rate,
     sample_loss,

@@ -78,7 +78,7 @@ def prompt_ids(model, tokenizer, length: int, seed: int = 0) -> torch.Tensor:
 
 def modules_label(model) -> str:
     """Which lookahead modules :func:`make_method` gives ``model``: the shipped ones, or random ones."""
-    from ..policies.lookahead import default_modules_path
+    from ..lookahead import default_modules_path
 
     path = default_modules_path(model)
     return str(path) if path is not None else "random init (same cost as trained)"
@@ -102,7 +102,7 @@ def make_method(name: str, model, budget: int | float):
     bundled SmolLM2 has no smaller sibling, so its draft costs what a target decode costs.
     """
     from ..policies import LookaheadKV, make_policy
-    from ..policies.lookahead import default_modules_path
+    from ..lookahead import default_modules_path
 
     if name == PLAIN:
         return None

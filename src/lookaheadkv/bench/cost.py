@@ -9,8 +9,8 @@ for LookaheadKV, whose tokens ride in the prefill): on a CPU this is the number 
 the cheap scorers, whose cost drowns in the noise of a whole prefill. Peak memory comes from
 one fresh process per method and length (:mod:`lookaheadkv.bench.memory`).
 
-Run it as ``lookaheadkv bench [options]`` or ``python benchmarks/cost.py [options]``; it
-writes ``results.json``, ``table.md`` and ``cost.png`` into ``--out``.
+Run it as ``lookaheadkv bench [options]`` (e.g. ``lookaheadkv bench --out runs/bench-cost``;
+``--model tiny --lengths 256,512 --reps 1 --no-memory`` for a quick look); it writes ``results.json``, ``table.md`` and ``cost.png`` into ``--out``.
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
-"""Turn scores into kept indices, per layer and KV head, and shrink the cache."""
+"""Budgets and the choice of kept entries: parse_budget / resolve_budget, select (top-k per layer and KV head).
+
+The physical eviction, a gather into a new compact cache, is :func:`lookaheadkv.engine.cache.gather`.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from transformers import DynamicCache
-
-from .cache import gather
-
 
 BUDGET_RULE = (
     "a budget is a whole number of entries per KV head (e.g. 128) or a decimal ratio of the prompt "
@@ -70,8 +69,3 @@ def select(scores: list[torch.Tensor], budgets: list[int]) -> list[torch.Tensor]
         top = layer_scores.float().topk(budget, dim=-1).indices
         kept.append(top.sort(dim=-1).values)
     return kept
-
-
-def evict(cache: DynamicCache, kept: list[torch.Tensor]) -> DynamicCache:
-    """A new cache that holds only the ``kept`` entries (see :func:`select`)."""
-    return gather(cache, kept)

@@ -9,9 +9,9 @@ from typing import Callable
 import torch
 
 from .attention import check_eviction_window
-from .cache import kv_bytes, lengths
+from .cache import gather, kv_bytes, lengths
 from .decode import Sampling, decode
-from .evict import evict, select
+from .evict import select
 from .prefill import Prefill, check_input_ids, prefill
 
 
@@ -58,24 +58,20 @@ class Generation:
 
 
 def compress(model: torch.nn.Module, state: Prefill, policy, observer=None) -> Compressed:
-    """Score ``state``'s prompt with ``policy`` and build the evicted cache (``state`` is untouched)."""
+    """Score ``state``'s prompt with ``policy`` and build the evicted cache (``state`` is untouched; None keeps it all)."""
     start = time.perf_counter()
-    scores = policy.scores(model, state, observer)
+    scores = None if policy is None else policy.scores(model, state, observer)
     scored = time.perf_counter()
     if scores is None:
         return Compressed(state, state.cache, None, scored - start, 0.0)
     budgets = policy.layer_budgets(len(scores), state.length)
     kept = select(scores, budgets)
-    cache = evict(state.cache, kept)
+    cache = gather(state.cache, kept)
     return Compressed(state, cache, kept, scored - start, time.perf_counter() - scored)
 
 
 def check_policy(policy) -> None:
-    """A policy must be an instance (``SnapKV(budget=128)``), not a name or a class."""
-    from ..policies.base import Policy
-
-    if isinstance(policy, Policy):
-        return
+    """A policy must be an instance (``SnapKV(budget=128)``), not a name or a class (checked by shape: the engine imports no policy)."""
     if isinstance(policy, str):
         raise TypeError(f"policy must be a Policy instance, got the string {policy!r}: use make_policy({policy!r}, budget=...) or e.g. SnapKV(budget=128)")
     if isinstance(policy, type):
@@ -85,7 +81,9 @@ def check_policy(policy) -> None:
 
 
 def run_prefill(model: torch.nn.Module, input_ids: torch.Tensor, policy) -> tuple[Prefill, object]:
-    """The prompt's prefill with ``policy``'s observer (and its tail, if it has one)."""
+    """The prompt's prefill with ``policy``'s observer (and its tail, if it has one); a plain prefill for None."""
+    if policy is None:
+        return prefill(model, input_ids), None
     observer = policy.observer()
     return prefill(model, input_ids, [observer], tail=policy.tail(model)), observer
 
@@ -103,11 +101,10 @@ def generate_ids(
     """Token-level pipeline: prefill ``input_ids`` (1, L), evict with ``policy``, decode."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
-    check_policy(policy)
+    if policy is not None:  # None keeps the whole cache (as FullKV does)
+        check_policy(policy)
     input_ids = check_input_ids(model, input_ids)
-    from ..policies.full import FullKV
-
-    if not isinstance(policy, FullKV):  # eviction on sliding-window layers only within the window
+    if policy is not None and getattr(policy, "evicts", True):  # eviction on sliding-window layers only within the window
         check_eviction_window(model, input_ids.shape[-1] + max(max_new_tokens, getattr(policy, "n_draft", 0) + 1) - 1)
     state, observer = run_prefill(model, input_ids, policy)
     before = kv_bytes(state.cache)
@@ -186,10 +183,8 @@ def generate(
     >>> out = generate(model, tokenizer, "Summarise: ...", policy=SnapKV(budget=128))
     >>> print(out.text, out.stats.line())
     """
-    from ..policies.full import FullKV
-
-    policy = policy if policy is not None else FullKV()
-    check_policy(policy)
+    if policy is not None:  # None keeps the whole cache (as FullKV does)
+        check_policy(policy)
     sampling = Sampling(temperature, top_p, seed)
     input_ids = encode_prompt(tokenizer, prompt, chat)
     on_token = None

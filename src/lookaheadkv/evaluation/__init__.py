@@ -1,21 +1,23 @@
-"""Evaluation: the offline RULER-style suite, LongBench, and scoring metrics.
+"""Evaluation: LongBench, answer scoring, the runner and its reports.
 
-- :mod:`.tasks`: synthetic tasks generated from a seed at measured token lengths,
-  with disjoint train / eval splits; :class:`Sample` and :func:`score_sample`.
+The offline RULER-style suite (synthetic tasks with disjoint train / eval splits, :class:`Sample`)
+is :mod:`lookaheadkv.tasks`, shared with training; attention recall is :mod:`lookaheadkv.scoring`.
+
 - :mod:`.longbench`: LongBench's 16 English tasks as :class:`Sample` objects.
-- :mod:`.metrics`: answer-fidelity scores, LongBench scorers, attention recall and
+- :mod:`.metrics`: :func:`score_sample`, answer-fidelity scores, LongBench scorers and
   bootstrap confidence intervals.
 """
 
 from lookaheadkv.evaluation.longbench import LONGBENCH_TASKS, load_longbench
 from lookaheadkv.evaluation.metrics import (
-    attention_recall,
     bootstrap_ci,
     exact_match,
     paired_bootstrap_diff,
+    score_sample,
     token_f1,
 )
-from lookaheadkv.evaluation.tasks import (
+from lookaheadkv.scoring import attention_recall
+from lookaheadkv.tasks import (
     TASK_GROUPS,
     TASKS,
     Sample,
@@ -23,7 +25,6 @@ from lookaheadkv.evaluation.tasks import (
     encode_prompt,
     make_sample,
     make_suite,
-    score_sample,
 )
 
 __all__ = [

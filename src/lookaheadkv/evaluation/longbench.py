@@ -2,8 +2,8 @@
 
 Prompts, generation lengths and metrics follow LongBench's ``config/dataset2prompt.json``,
 ``config/dataset2maxlen.json`` and ``eval.py``; the scorers themselves live in
-:mod:`lookaheadkv.evaluation.metrics`. Samples are :class:`~lookaheadkv.evaluation.tasks.Sample`
-objects and are scored with :func:`~lookaheadkv.evaluation.tasks.score_sample`.
+:mod:`lookaheadkv.evaluation.metrics`. Samples are :class:`~lookaheadkv.tasks.Sample`
+objects and are scored with :func:`~lookaheadkv.evaluation.metrics.score_sample`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lookaheadkv.evaluation.tasks.sample import Sample, encode_prompt
+from lookaheadkv.tasks.sample import Sample, encode_prompt
 
 DATASET2PROMPT: dict[str, str] = {
     "narrativeqa": (

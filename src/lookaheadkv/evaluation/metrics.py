@@ -1,4 +1,4 @@
-"""Scoring functions: answer fidelity, LongBench's scorers, attention recall, bootstrap CIs.
+"""Scoring functions: task answers (RULER string match, LongBench's scorers), fidelity, bootstrap CIs.
 
 Everything here is a pure function of its arguments. LongBench's official scorers
 (``LongBench/metrics.py``) are re-implemented from their definitions, without the
@@ -14,7 +14,8 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-import torch
+
+from ..tasks.sample import Sample
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -255,43 +256,6 @@ def graded_match(prediction: str, answers: Sequence[str], metric: str) -> float:
     return max(shares) if metric == "part" else sum(shares) / len(shares)
 
 
-def attention_recall(
-    gt_scores: Sequence[torch.Tensor],
-    kept_indices: Sequence[torch.Tensor],
-    groups: int | None = None,
-) -> float:
-    """Mean share of the ground-truth attention mass that the kept cache entries hold.
-
-    Parameters
-    ----------
-    gt_scores
-        Per layer a ``(heads, L)`` tensor of ground-truth importance, each row
-        L1-normalised over the ``L`` prompt positions. ``heads`` is either the number
-        of KV heads or of query heads.
-    kept_indices
-        Per layer a ``(kv_heads, k)`` integer tensor of the prompt positions kept.
-    groups
-        Query heads per KV head (query head ``h`` reads KV head ``h // groups``).
-        Inferred as ``heads // kv_heads`` when None; 1 when scores are per KV head.
-
-    Returns
-    -------
-    float
-        ``sum(gt[h, kept])`` averaged over layers and heads.
-    """
-    if len(gt_scores) != len(kept_indices):
-        raise ValueError("gt_scores and kept_indices must have one entry per layer")
-    recalls = []
-    for gt, kept in zip(gt_scores, kept_indices):
-        heads, kv_heads = gt.shape[0], kept.shape[0]
-        group = heads // kv_heads if groups is None else groups
-        if group * kv_heads != heads:
-            raise ValueError(f"{heads} score heads do not map onto {kv_heads} KV heads")
-        index = kept.long().to(gt.device).repeat_interleave(group, dim=0)
-        recalls.append(gt.float().gather(1, index).sum(dim=1))
-    return torch.cat(recalls).mean().item()
-
-
 def bootstrap_ci(
     values: Sequence[float], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> tuple[float, float, float]:
@@ -321,3 +285,35 @@ def paired_bootstrap_diff(
     if x.shape != y.shape:
         raise ValueError("paired samples must have the same shape")
     return bootstrap_ci(x - y, n_boot=n_boot, seed=seed, alpha=alpha)
+
+
+RULER_METRICS = ("all", "part")
+
+
+def score_sample(sample: Sample, prediction: str) -> dict[str, float]:
+    """Score a generated answer.
+
+    Returns
+    -------
+    dict
+        ``score``: RULER's string match ("all": share of answers found as
+        case-insensitive substrings; "part": 1 if any is found) or the LongBench metric
+        (maximum over references, with its first-line and label-set rules), in [0, 1].
+        ``graded``: for RULER metrics, the longest prefix of each answer found in the
+        prediction as a share of the answer's length, averaged ("all") or maxed
+        ("part"); for LongBench metrics equal to ``score``.
+    """
+    if sample.metric in RULER_METRICS:
+        match = string_match_all if sample.metric == "all" else string_match_part
+        return {
+            "score": match(prediction, sample.answers),
+            "graded": graded_match(prediction, sample.answers, sample.metric),
+        }
+    score = longbench_score(
+        sample.metric,
+        prediction,
+        sample.answers,
+        all_classes=sample.meta.get("all_classes"),
+        first_line_only=sample.meta.get("first_line_only", False),
+    )
+    return {"score": score, "graded": score}

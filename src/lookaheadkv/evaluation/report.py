@@ -175,6 +175,60 @@ def plot(summary: dict, path: str | Path, metric: str = "score") -> Path:
     return path
 
 
+def dots(summary: dict, path: str | Path, group: str | None = None, metric: str = "score", title: str = "") -> Path:
+    """One group's methods as a dot plot (PNG): a row per method, the mean with its 95% CI as whiskers.
+
+    Made for a few points: every method has its own row, so methods with the same score stay
+    visible side by side; each budget has its own marker and offset within a row, and every dot
+    is labelled with its value. The full cache is the top row and a dashed reference line.
+    ``group`` defaults to the pooled group when there is one, else the first.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    group = group or _groups(summary)[0]
+    entries = {(m, b): e for (g, m, b), e in summary.items() if g == group and metric in e}
+    budgets = sorted({b for m, b in entries if m != "full"})
+    methods = [m for m in _order({m for m, _ in entries}) if m != "full"]
+    first = budgets[0] if budgets else 0
+    methods.sort(key=lambda m: -entries[(m, first)][metric][0] if (m, first) in entries else 1)
+    rows = (["full"] if ("full", 0) in entries else []) + methods
+    markers, colours = "osD^v", ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b"]
+    fig, ax = plt.subplots(figsize=(7.2, 0.9 + 0.48 * len(rows)))
+    step = 0.32 / max(1, len(budgets) - 1) if len(budgets) > 1 else 0.0
+    for y, m in enumerate(rows):
+        keys = [(m, 0)] if m == "full" else [(m, b) for b in budgets]
+        for i, key in enumerate(keys):
+            if key not in entries:
+                continue
+            mean, lo, hi = (100 * v for v in entries[key][metric])
+            dy = 0.0 if m == "full" else (i - (len(keys) - 1) / 2) * step
+            colour = "black" if m == "full" else colours[i % len(colours)]
+            ax.errorbar(mean, y + dy, xerr=[[mean - lo], [hi - mean]], fmt=markers[i % len(markers)] if m != "full" else "s",
+                        color=colour, ms=7, capsize=3, lw=1.4, zorder=3)
+            ax.annotate(f"{mean:.0f}", (hi, y + dy), xytext=(5, 0), textcoords="offset points", va="center", fontsize=8, color=colour)
+    if ("full", 0) in entries:
+        ax.axvline(100 * entries[("full", 0)][metric][0], color="black", ls="--", lw=0.8, zorder=1)
+    labels = [_label([e for (mm, _), e in entries.items() if mm == m], m) for m in rows]
+    ax.set_yticks(range(len(rows)), [("full cache" if m == "full" else lab) for m, lab in zip(rows, labels)])
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlim(-2, 109)
+    ax.set_xlabel(f"{METRICS[metric]} (%), mean and 95% bootstrap CI")
+    ax.grid(axis="x", alpha=0.3)
+    n = max(e["n"] for e in entries.values())
+    ax.set_title(title or f"{group}: n = {n} prompts", fontsize=10)
+    if len(budgets) > 1:
+        handles = [plt.Line2D([], [], marker=markers[i % len(markers)], color=colours[i % len(colours)], ls="", label=f"budget {b}") for i, b in enumerate(budgets)]
+        ax.legend(handles=handles, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def terminal(summary: dict, metric: str = "score") -> None:
     """Print the summary as rich tables."""
     from rich.console import Console

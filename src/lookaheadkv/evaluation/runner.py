@@ -22,18 +22,15 @@ from typing import Callable
 import torch
 
 from ..engine.attention import check_eviction_window
-from ..engine.cache import crop
+from ..engine.cache import crop, gather
 from ..engine.decode import decode, decode_batch
-from ..engine.evict import evict, parse_budget, select
+from ..engine.evict import parse_budget
 from ..engine.generate import eos_ids
-from ..engine.prefill import prefill
-from ..policies import REGISTRY, make_policy
-from ..policies.base import Observers
-from ..policies.oracle import Oracle
+from ..policies import REGISTRY, SharedPrefill, make_policy
 from ..records import append_record, read_records, repair
-from ..training.targets import ground_truth
-from .metrics import attention_recall, exact_match, token_f1
-from .tasks import Sample, score_sample
+from ..scoring import attention_recall, ground_truth
+from ..tasks import Sample
+from .metrics import exact_match, score_sample, token_f1
 
 RESULTS = "results.jsonl"
 FULL = "full"
@@ -102,16 +99,11 @@ class Runner:
         self.eos = eos_ids(model, tokenizer)
         self.policies: dict[str, object] = {}
 
-    def policy(self, method: str, budget: int, sample: Sample):
-        options = dict(self.config.method_options.get(method, {}))
-        if method == "oracle":
-            options.setdefault("max_new_tokens", sample.max_new_tokens)
-        key = method
-        if key not in self.policies:
-            self.policies[key] = make_policy(method, budget=budget or 1, **options)
-        policy = self.policies[key]
-        policy.budget = budget or 1
-        return policy
+    def policy(self, method: str):
+        """The method's policy, built once per run (at the first budget; other budgets are copies made by SharedPrefill)."""
+        if method not in self.policies:
+            self.policies[method] = make_policy(method, budget=self.config.budgets[0], **self.config.method_options.get(method, {}))
+        return self.policies[method]
 
     def run(self, samples: list[Sample], on_sample: Callable[[int, int], None] | None = None) -> list[dict]:
         repair(self.path)  # a line cut by a kill: repaired or dropped (one warning), before anything is read or appended
@@ -131,9 +123,8 @@ class Runner:
     def run_sample(self, sample: Sample, todo: list[tuple[str, int]], full_row: dict | None):
         model = self.model
         methods = sorted({m for m, _ in todo if m != FULL})
-        observers = {m: self.policy(m, 1, sample).observer() for m in methods}
-        ids = torch.tensor([sample.prompt_ids])
-        state = prefill(model, ids, [Observers(*[o for o in observers.values() if o is not None])])
+        shared = SharedPrefill(model, torch.tensor([sample.prompt_ids]), {m: self.policy(m) for m in methods})
+        state = shared.state
         if full_row is None:
             start = time.perf_counter()
             tokens = decode(model, state.cache, state.logits, state.length, sample.max_new_tokens, eos_token_ids=self.eos)
@@ -142,10 +133,10 @@ class Runner:
             full_row["tokens"] = tokens
             self.append(full_row)
             yield full_row
-        reference = full_row["prediction"]
         answer = [t for t in full_row["tokens"] if t not in self.eos] or full_row["tokens"][:1]
-        truth = ground_truth(model, state, answer)  # (layers, heads, L)
-        scores_cache: dict[str, list] = {}
+        reference = full_row["prediction"]
+        truth = ground_truth(model, state, answer)  # (layers, heads, L): recall, and the Oracle's scores
+        shared.set_truth(truth)
         pending = []  # (method, budget, kept, scoring seconds), decoded below in groups
         for method, budget in todo:
             if method == FULL:
@@ -153,15 +144,7 @@ class Runner:
             start = time.perf_counter()
             try:
                 check_eviction_window(model, state.length + sample.max_new_tokens - 1)
-                policy = self.policy(method, budget, sample)
-                if isinstance(policy, Oracle):
-                    scores = policy.reduce(list(truth), model.config.num_key_value_heads)
-                elif method in scores_cache and not getattr(policy, "budget_dependent", False):
-                    scores = scores_cache[method]
-                else:
-                    scores = policy.scores(model, state, observers[method])
-                    scores_cache[method] = scores
-                kept = None if scores is None else select(scores, policy.layer_budgets(len(scores), state.length))
+                kept = shared.kept(method, budget)
                 pending.append((method, budget, kept, time.perf_counter() - start))
             except Exception as err:  # a failing method must not stop the run
                 yield self.failed(sample, method, budget, err)
@@ -175,7 +158,7 @@ class Runner:
         for items in groups.values():
             start = time.perf_counter()
             try:
-                caches = [state.cache if kept is None else evict(state.cache, kept) for _, _, kept, _ in items]
+                caches = [state.cache if kept is None else gather(state.cache, kept) for _, _, kept, _ in items]
                 if self.config.batch_decode and len(items) > 1:
                     outputs = decode_batch(model, caches, state.logits, state.length, sample.max_new_tokens, eos_token_ids=self.eos)
                 else:

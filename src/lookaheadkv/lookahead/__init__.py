@@ -1,5 +1,5 @@
-"""The learned lookahead modules (soft tokens + lookahead-only LoRA), their save and load."""
+"""The learned lookahead modules (soft tokens + lookahead-only LoRA), their save and load, and the shipped ones."""
 
-from .modules import LookaheadConfig, LookaheadModules, ModulesError
+from .modules import BUNDLED_WEIGHTS, LookaheadConfig, LookaheadModules, ModulesError, default_modules_path
 
-__all__ = ["LookaheadConfig", "LookaheadModules", "ModulesError"]
+__all__ = ["BUNDLED_WEIGHTS", "LookaheadConfig", "LookaheadModules", "ModulesError", "default_modules_path"]

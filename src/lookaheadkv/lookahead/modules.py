@@ -34,13 +34,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..engine.prefill import Tail, extend
-from ..policies.base import AttentionMass
+from ..scoring import AttentionMass
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # shipped inside the package
+BUNDLED_WEIGHTS = {"smollm2-135m-instruct": WEIGHTS_DIR / "smollm2-135m-instruct"}
+
+
+def default_modules_path(model) -> Path | None:
+    """Shipped modules for ``model`` when it is one we trained for, else None."""
+    name = (getattr(model.config, "_name_or_path", "") or "").lower()
+    for key, path in BUNDLED_WEIGHTS.items():
+        if key in name and (path / "model.safetensors").is_file():
+            return path
+    return None
 
 
 class ModulesError(ValueError):

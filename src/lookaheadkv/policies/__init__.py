@@ -10,6 +10,7 @@ from .lookahead import LookaheadKV
 from .oracle import Oracle
 from .pyramidkv import PyramidKV
 from .random import RandomPolicy
+from .shared import SharedPrefill
 from .snapkv import SnapKV
 from .speckv import SpecKV
 from .streamingllm import StreamingLLM
@@ -20,12 +21,6 @@ REGISTRY: dict[str, type[Policy]] = {
 }
 
 
-def register(cls: type[Policy]) -> type[Policy]:
-    """Add a policy class to the registry under ``cls.name`` (usable as a decorator)."""
-    REGISTRY[cls.name] = cls
-    return cls
-
-
 def make_policy(name: str, **kwargs) -> Policy:
     """Build a policy from its registry name; unknown names get a one-line error listing the known ones."""
     if name not in REGISTRY:
@@ -33,4 +28,4 @@ def make_policy(name: str, **kwargs) -> Policy:
     return REGISTRY[name](**kwargs)
 
 
-__all__ = ["Policy", "FullKV", "RandomPolicy", "StreamingLLM", "SnapKV", "PyramidKV", "H2O", "TOVA", "LookaheadKV", "LAQ", "SpecKV", "Oracle", "REGISTRY", "make_policy", "register"]
+__all__ = ["Policy", "FullKV", "RandomPolicy", "StreamingLLM", "SnapKV", "PyramidKV", "H2O", "TOVA", "LookaheadKV", "LAQ", "SpecKV", "Oracle", "REGISTRY", "make_policy", "SharedPrefill"]

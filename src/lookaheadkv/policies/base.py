@@ -1,128 +1,20 @@
-"""What every scoring policy shares: the Policy base class and the score-row math.
+"""What every scoring policy shares: the Policy base class.
 
 A policy only decides *scores*: one number per (layer, KV head, prompt token). The engine
-owns the rest (prefill, top-k per KV head, the physical gather, decoding). Score rows are
-always explicit ``rows x L`` matmuls, chunked over rows; no policy ever builds an
-``L x L`` attention matrix or asks the model for ``output_attentions``.
+owns the rest (prefill, top-k per KV head, the physical gather, decoding); the score-row math
+and the observers are in :mod:`lookaheadkv.scoring`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from ..engine.attention import attention_rows
 from ..engine.evict import resolve_budget
 from ..engine.prefill import Prefill
-
-GQA_REDUCTIONS = ("mean", "max")
-
-
-def attention_mass(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    scaling: float,
-    last_rows: int | None = None,
-    chunk: int = 256,
-    reduce: str = "sum",
-) -> torch.Tensor:
-    """Attention over the last ``last_rows`` query rows (all when None), chunked: (heads, k).
-
-    ``query`` (1, heads, q, d) and ``key`` (1, kv_heads, k, d) as an attention layer sees them:
-    the ``q`` queries are the last ``q`` positions of the ``k`` keys. ``reduce`` is "sum" or
-    "max" over the rows.
-    """
-    q, k = query.shape[2], key.shape[2]
-    first = 0 if last_rows is None else max(0, q - last_rows)
-    total = None
-    for start in range(first, q, chunk):
-        rows = query[0, :, start : min(q, start + chunk)]
-        probs = attention_rows(rows, key[0], scaling, row_offset=k - q + start)
-        part = probs.amax(dim=1) if reduce == "max" else probs.sum(dim=1)
-        if total is None:
-            total = part
-        else:
-            total = torch.maximum(total, part) if reduce == "max" else total + part
-    return total
-
-
-def reduce_gqa(scores: torch.Tensor, kv_heads: int, how: str = "mean") -> torch.Tensor:
-    """(heads, L) query-head scores -> (kv_heads, L), one score per KV head of each group."""
-    grouped = scores.view(kv_heads, scores.shape[0] // kv_heads, scores.shape[-1])
-    return grouped.amax(dim=1) if how == "max" else grouped.mean(dim=1)
-
-
-def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """1-D max-pooling along the prompt (stride 1, same length); kernel <= 1 is a no-op.
-
-    Any length works, also one shorter than the kernel (the window is clipped to the sequence)
-    and an empty one (a prompt that lies wholly inside SnapKV's window leaves no prefix to pool).
-    """
-    if kernel <= 1 or scores.shape[-1] == 0:
-        return scores
-    return F.max_pool1d(scores[None], kernel_size=kernel, stride=1, padding=kernel // 2)[0][..., : scores.shape[-1]]
-
-
-class AttentionMass:
-    """Observer that aggregates, per layer, the attention of a call's last rows over the earlier keys.
-
-    In a prefill call (q == k) it keeps all k columns; in an extension call over a cache
-    (q < k) it keeps the ``k - q`` columns that were there before. Result: ``mass[l]``
-    (heads, cols), the sum (or max) over the rows.
-    """
-
-    def __init__(self, last_rows: int | None = None, chunk: int = 256, reduce: str = "sum"):
-        self.last_rows = last_rows
-        self.chunk = chunk
-        self.reduce = reduce
-        self.mass: dict[int, torch.Tensor] = {}
-
-    def __call__(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        q, k = query.shape[2], key.shape[2]
-        cols = k if q == k else k - q
-        self.mass[layer_idx] = attention_mass(query, key, scaling, self.last_rows, self.chunk, self.reduce)[:, :cols]
-
-    def takes_probs(self, q: int, k: int) -> bool:
-        """Short calls over a cache, all rows wanted: the layer's own probabilities can be reused."""
-        return q < k and q <= self.chunk and (self.last_rows is None or self.last_rows >= q)
-
-    def take_probs(self, probs: torch.Tensor, q: int, k: int) -> None:
-        """``probs`` (heads, q, k): the layer's attention rows, computed once by the engine."""
-        part = probs.amax(dim=1) if self.reduce == "max" else probs.sum(dim=1)
-        self.mass[self.layer] = part[:, : k - q]
-
-    def per_layer(self) -> list[torch.Tensor]:
-        return [self.mass[i] for i in sorted(self.mass)]
-
-
-class QueryRecorder:
-    """Observer that keeps every call's queries per layer, e.g. those of draft tokens decoded one by one."""
-
-    def __init__(self):
-        self.queries: dict[int, list[torch.Tensor]] = {}
-
-    def __call__(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        self.queries.setdefault(layer_idx, []).append(query[0])
-        self.scaling = scaling
-
-    def per_layer(self) -> list[torch.Tensor]:
-        """Per layer (heads, rows, d), the rows in call order."""
-        return [torch.cat(self.queries[i], dim=1) for i in sorted(self.queries)]
-
-
-class Observers:
-    """Several observers run as one."""
-
-    def __init__(self, *observers):
-        self.observers = observers
-
-    def __call__(self, *args) -> None:
-        for observe in self.observers:
-            observe(*args)
-
+from ..scoring import GQA_REDUCTIONS, reduce_gqa
 
 @dataclass
 class Policy:
@@ -141,8 +33,8 @@ class Policy:
     gqa_reduce: str = "mean"
 
     name: ClassVar[str] = "base"
-    #: True when scores come only from the prompt's own prefill (the runner may share it).
-    prefill_only: ClassVar[bool] = True
+    #: False for a policy that keeps the whole cache (FullKV): the engine then skips the eviction checks.
+    evicts: ClassVar[bool] = True
     #: True when the scores themselves change with the budget (not only the top-k).
     budget_dependent: ClassVar[bool] = False
 
@@ -150,6 +42,13 @@ class Policy:
         resolve_budget(self.budget, 10**9)
         if self.gqa_reduce not in GQA_REDUCTIONS:
             raise ValueError(f"gqa_reduce must be one of {', '.join(GQA_REDUCTIONS)}, got {self.gqa_reduce!r}")
+
+    def with_budget(self, budget: int | float) -> "Policy":
+        """The same policy at another budget: a new instance (this one is never changed).
+
+        What a policy loaded lazily (LookaheadKV's modules, SpecKV's draft model) is shared by the copy.
+        """
+        return replace(self, budget=budget)
 
     @property
     def label(self) -> str:

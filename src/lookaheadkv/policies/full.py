@@ -12,6 +12,7 @@ class FullKV(Policy):
     """Keep the whole prompt cache (the budget is ignored)."""
 
     name = "full"
+    evicts = False
 
     def scores(self, model, prefill, observer):
         return None

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.decode import decode
-from ..engine.evict import evict, resolve_budget, select
+from ..engine.cache import gather
+from ..engine.evict import resolve_budget, select
 from ..engine.generate import eos_ids
-from .base import AttentionMass, Observers, Policy, QueryRecorder, attention_rows, max_pool
+from ..engine.attention import attention_rows
+from ..scoring import AttentionMass, Observers, QueryRecorder, max_pool
+from .base import Policy
 from .snapkv import window_scores
 
 
@@ -39,7 +42,6 @@ class LAQ(Policy):
     kernel: int = 7
     prompt_rows: int = 8
     name = "laq"
-    prefill_only = False
     budget_dependent = True  # the draft runs on a copy compressed to the budget
 
     def observer(self):
@@ -50,7 +52,7 @@ class LAQ(Policy):
         kv_heads = model.config.num_key_value_heads
         snap = self.reduce([window_scores(m, self.window, self.kernel) for m in window_mass], kv_heads)
         budget = resolve_budget(self.budget, prefill.length)
-        copy = evict(prefill.cache, select(snap, [budget] * len(snap)))
+        copy = gather(prefill.cache, select(snap, [budget] * len(snap)))
         recorder = QueryRecorder()
         decode(model, copy, prefill.logits, prefill.length, self.n_draft + 1, eos_token_ids=eos_ids(model, None), observers=[recorder])
         return recorder.per_layer(), recorder.scaling

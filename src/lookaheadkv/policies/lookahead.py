@@ -7,23 +7,12 @@ Future without Generation", ICLR 2026, https://arxiv.org/abs/2603.10899
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .base import AttentionMass, Policy, max_pool
-
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-BUNDLED_WEIGHTS = {"smollm2-135m-instruct": WEIGHTS_DIR / "smollm2-135m-instruct"}
-
-
-def default_modules_path(model) -> Path | None:
-    """Shipped modules for ``model`` when it is one we trained for, else None."""
-    name = (getattr(model.config, "_name_or_path", "") or "").lower()
-    for key, path in BUNDLED_WEIGHTS.items():
-        if key in name and (path / "model.safetensors").is_file():
-            return path
-    return None
+from ..lookahead import LookaheadModules, ModulesError, default_modules_path
+from ..scoring import AttentionMass, max_pool
+from .base import Policy
 
 
 @dataclass
@@ -57,7 +46,6 @@ class LookaheadKV(Policy):
     window: int = 0
     fused: bool = True
     name = "lookahead"
-    prefill_only = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,8 +53,6 @@ class LookaheadKV(Policy):
             raise ValueError(f"kernel must be >= 1 and window >= 0, got {self.kernel} and {self.window}")
 
     def resolve(self, model):
-        from ..lookahead import LookaheadModules, ModulesError
-
         if isinstance(self.modules, LookaheadModules):
             return self.modules
         path = self.modules if self.modules is not None else default_modules_path(model)

@@ -9,12 +9,13 @@ import torch
 from ..engine.cache import copy_cache
 from ..engine.decode import decode
 from ..engine.generate import eos_ids
+from ..scoring import ground_truth
 from .base import Policy
 
 
 @dataclass
 class Oracle(Policy):
-    """Score = mean attention of the full-cache greedy answer's queries (METHOD.md section 1).
+    """Score = mean attention of the full-cache greedy answer's queries (docs/method.md, "The ground truth").
 
     It generates the whole answer first, so it is not a practical method: it is the best a
     scorer of this kind could do at a budget, reported beside every comparison.
@@ -27,12 +28,9 @@ class Oracle(Policy):
 
     max_new_tokens: int = 64
     name = "oracle"
-    prefill_only = False
 
     @torch.no_grad()
     def scores(self, model, prefill, observer):
-        from ..training.targets import ground_truth
-
         eos = eos_ids(model, None)
         answer = decode(model, copy_cache(prefill.cache), prefill.logits, prefill.length, self.max_new_tokens, eos_token_ids=eos)
         if len(answer) > 1 and answer[-1] in eos:

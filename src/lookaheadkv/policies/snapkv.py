@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import AttentionMass, Policy, max_pool
+from ..scoring import AttentionMass, max_pool
+from .base import Policy
 
 
 def window_scores(mass: torch.Tensor, window: int, kernel: int) -> torch.Tensor:
@@ -27,7 +28,7 @@ class SnapKV(Policy):
     """Score = attention of the last ``window`` prompt queries, max-pooled; the window is kept.
 
     Each query head's window votes are pooled first, then a GQA group's pooled scores are
-    reduced to one per KV head (the order of METHOD.md and of SnapKV's reference code).
+    reduced to one per KV head (the order of docs/method.md and of SnapKV's reference code).
 
     Parameters
     ----------

@@ -14,7 +14,8 @@ from ..engine.cache import copy_cache
 from ..engine.decode import decode
 from ..engine.generate import eos_ids
 from ..engine.prefill import extend, prefill
-from .base import AttentionMass, Policy, max_pool
+from ..scoring import AttentionMass, max_pool
+from .base import Policy
 
 #: How SpecKV is shown when it drafts with the target itself (no draft model given): its draft is
 #: then the full-cache answer's own beginning, so it is an upper bound, not a practical method.
@@ -51,7 +52,6 @@ class SpecKV(Policy):
     kernel: int = 7
     gqa_reduce: str = "max"
     name = "speckv"
-    prefill_only = False
 
     def __post_init__(self):
         super().__post_init__()

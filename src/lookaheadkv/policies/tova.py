@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import AttentionMass, Policy
+from ..scoring import AttentionMass
+from .base import Policy
 
 
 @dataclass

@@ -1,12 +1,7 @@
 """Training targets: the model's own greedy response, and the true importance it implies.
 
-Ground truth (METHOD.md section 1): for layer l, query head h and prompt token j,
-
-    s_GT[l, h, j] = mean over response tokens t of A[l, h, t, j], L1-normalised over j,
-
-where A is the softmax attention of the response's queries over the causal row
-(prompt and earlier response tokens). The response runs over the prompt's cache in
-row chunks, so only ``chunk x (L + |Y|)`` attention rows exist at a time.
+The importance is :func:`lookaheadkv.scoring.ground_truth` (``docs/method.md``, "The ground
+truth"): the mean attention of the response's queries to each prompt token, L1-normalised.
 """
 
 from __future__ import annotations
@@ -15,37 +10,8 @@ import torch
 
 from ..engine.cache import copy_cache
 from ..engine.decode import decode
-from ..engine.prefill import Prefill, extend, prefill
-from ..policies.base import AttentionMass
-
-
-def normalise(mass: torch.Tensor) -> torch.Tensor:
-    """L1-normalise over the last (prompt) dimension."""
-    return mass / mass.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-
-
-class _Float32Mass(AttentionMass):
-    """AttentionMass whose rows are computed from float32 copies of the queries and keys.
-
-    In a bf16 or fp16 model the queries and keys are what that model computes, but ``Q K^T``,
-    the softmax and the sum over the answer's rows are float32, so a label differs from an
-    fp32 model's only through the model's own rounding, not through the labelling arithmetic.
-    """
-
-    def __call__(self, layer_idx, query, key, scaling):
-        super().__call__(layer_idx, query.float(), key.float(), scaling)
-
-    def takes_probs(self, q: int, k: int) -> bool:
-        return False  # the engine's shared rows are in the model's dtype
-
-
-@torch.no_grad()
-def ground_truth(model, state: Prefill, response_ids: list[int], chunk: int = 128) -> torch.Tensor:
-    """(layers, heads, L) importance of each prompt token to ``response_ids``, L1-normalised (float32 arithmetic)."""
-    observer = _Float32Mass(chunk=chunk)
-    ids = torch.tensor([response_ids], device=model.device)
-    extend(model, state.cache, state.length, input_ids=ids, observers=[observer])
-    return normalise(torch.stack(observer.per_layer()).float())
+from ..engine.prefill import prefill
+from ..scoring import ground_truth
 
 
 @torch.no_grad()

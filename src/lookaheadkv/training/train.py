@@ -3,7 +3,7 @@
 The whole loop is in :func:`train`, top to bottom. One sample's step is: a no-grad
 prefill of the prompt (the frozen base model), then the n lookahead tokens with grad
 over that cache; loss = mean over layers and heads of KL(s_GT || s_pred), both
-L1-normalised over the prompt (METHOD.md section 3).
+L1-normalised over the prompt (docs/method.md, "Training").
 
 Runs as one CPU process by default, and data-parallel under ``torchrun`` or
 ``accelerate launch`` with no change: each rank takes every world-th micro-batch and
@@ -24,13 +24,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ..engine.evict import select
-from ..records import append_record, read_records
 from ..engine.prefill import prefill
-from ..evaluation.metrics import attention_recall
 from ..lookahead import LookaheadModules
-from ..policies.lookahead import LookaheadKV
-from ..policies.snapkv import SnapKV
+from ..policies import LookaheadKV, SharedPrefill, SnapKV
+from ..records import append_record, read_records
 from .data import TargetDataset
 
 EPS = 1e-10
@@ -104,14 +101,10 @@ def sample_order(n: int, seed: int, index: int) -> int:
 def heldout_recall(model, modules: LookaheadModules, items: list[dict], budgets: list[int]) -> dict:
     """Recall@budget of LookaheadKV and SnapKV on the same held-out samples."""
     sums = {f"{m}@{b}": 0.0 for m in ("lookahead", "snapkv") for b in budgets}
-    snap, look = SnapKV(), LookaheadKV(modules=modules)
+    policies = {"snapkv": SnapKV(), "lookahead": LookaheadKV(modules=modules)}
     for item in items:
-        observer = snap.observer()
-        state = prefill(model, item["prompt_ids"][None], [observer])
-        scores = {"snapkv": snap.scores(model, state, observer), "lookahead": look.scores(model, state, None)}
-        for method, s in scores.items():
-            for b in budgets:
-                sums[f"{method}@{b}"] += attention_recall(list(item["labels"]), select(s, [b] * len(s)))
+        for key, value in SharedPrefill(model, item["prompt_ids"][None], policies, truth=item["labels"]).recall(budgets).items():
+            sums[key] += value
     return {k: v / max(1, len(items)) for k, v in sums.items()}
 
 

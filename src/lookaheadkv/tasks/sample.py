@@ -1,4 +1,4 @@
-"""The evaluation sample shared by the synthetic suite and LongBench, and its scoring."""
+"""The evaluation sample shared by the synthetic suite and LongBench (scored by :func:`lookaheadkv.evaluation.metrics.score_sample`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lookaheadkv.evaluation.metrics import graded_match, longbench_score, string_match_all, string_match_part
-
-RULER_METRICS = ("all", "part")
 
 
 @dataclass
@@ -29,7 +26,7 @@ class Sample:
         Reference answers.
     metric
         "all" / "part" (RULER's string_match_all / string_match_part) or a LongBench
-        metric name (a key of ``metrics.LONGBENCH_SCORERS``).
+        metric name (a key of ``lookaheadkv.evaluation.metrics.LONGBENCH_SCORERS``).
     messages
         Chat messages; ``messages[-1]`` is the user turn.
     prompt_ids
@@ -89,32 +86,3 @@ def encode_prompt(tokenizer: Any, messages: Sequence[dict], chat: bool = True) -
     else:
         encoded = tokenizer("\n\n".join(m["content"] for m in messages))
     return _as_id_list(encoded)
-
-
-def score_sample(sample: Sample, prediction: str) -> dict[str, float]:
-    """Score a generated answer.
-
-    Returns
-    -------
-    dict
-        ``score``: RULER's string match ("all": share of answers found as
-        case-insensitive substrings; "part": 1 if any is found) or the LongBench metric
-        (maximum over references, with its first-line and label-set rules), in [0, 1].
-        ``graded``: for RULER metrics, the longest prefix of each answer found in the
-        prediction as a share of the answer's length, averaged ("all") or maxed
-        ("part"); for LongBench metrics equal to ``score``.
-    """
-    if sample.metric in RULER_METRICS:
-        match = string_match_all if sample.metric == "all" else string_match_part
-        return {
-            "score": match(prediction, sample.answers),
-            "graded": graded_match(prediction, sample.answers, sample.metric),
-        }
-    score = longbench_score(
-        sample.metric,
-        prediction,
-        sample.answers,
-        all_classes=sample.meta.get("all_classes"),
-        first_line_only=sample.meta.get("first_line_only", False),
-    )
-    return {"score": score, "graded": score}

@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lookaheadkv.evaluation.tasks.text import (
+from lookaheadkv.tasks.text import (
     SplitPools,
     draw_coded_words,
     draw_keys,

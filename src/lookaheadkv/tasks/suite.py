@@ -7,11 +7,11 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lookaheadkv.evaluation.tasks.generators import TASKS, Draft, TaskSpec
-from lookaheadkv.evaluation.tasks.heldout import GROUP as HELDOUT_GROUP
-from lookaheadkv.evaluation.tasks.heldout import HELDOUT_TASKS
-from lookaheadkv.evaluation.tasks.sample import Sample, encode_prompt
-from lookaheadkv.evaluation.tasks.text import SPLITS, split_pools
+from lookaheadkv.tasks.generators import TASKS, Draft, TaskSpec
+from lookaheadkv.tasks.heldout import GROUP as HELDOUT_GROUP
+from lookaheadkv.tasks.heldout import HELDOUT_TASKS
+from lookaheadkv.tasks.sample import Sample, encode_prompt
+from lookaheadkv.tasks.text import SPLITS, split_pools
 
 LENGTH_TOLERANCE = 0.05
 """Largest allowed relative gap between a prompt's token count and its target."""

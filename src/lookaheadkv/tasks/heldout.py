@@ -23,8 +23,8 @@ from __future__ import annotations
 import random
 import re
 
-from lookaheadkv.evaluation.tasks.generators import Draft, TaskSpec
-from lookaheadkv.evaluation.tasks.text import insert_at_depths
+from lookaheadkv.tasks.generators import Draft, TaskSpec
+from lookaheadkv.tasks.text import insert_at_depths
 
 GROUP = "heldout"
 

@@ -1,5 +1,9 @@
 """Offline RULER-style synthetic suite over the Paul Graham essays and filler text.
 
+Shared by training (its ``synthetic`` source draws the train split; the essays split once by
+:func:`is_train_essay`) and evaluation (the eval split); answers are scored by
+:func:`lookaheadkv.evaluation.metrics.score_sample`.
+
 Tasks (see :data:`TASKS`), by report group (:data:`TASK_GROUPS`):
 
 - ``niah``: niah_single_number (noise haystack), niah_single_word, niah_single_uuid
@@ -17,10 +21,10 @@ seed spaces, essays, filler sentences and needle vocabularies; :func:`assert_dis
 checks it for any two lists of samples.
 """
 
-from lookaheadkv.evaluation.tasks.generators import TASK_GROUPS, TASKS, TaskSpec
-from lookaheadkv.evaluation.tasks.heldout import HELDOUT_TASKS
-from lookaheadkv.evaluation.tasks.sample import Sample, encode_prompt, has_chat_template, score_sample
-from lookaheadkv.evaluation.tasks.suite import (
+from lookaheadkv.tasks.generators import TASK_GROUPS, TASKS, TaskSpec
+from lookaheadkv.tasks.heldout import HELDOUT_TASKS
+from lookaheadkv.tasks.sample import Sample, encode_prompt, has_chat_template
+from lookaheadkv.tasks.suite import (
     LENGTH_TOLERANCE,
     assert_disjoint,
     make_sample,
@@ -28,7 +32,7 @@ from lookaheadkv.evaluation.tasks.suite import (
     sample_id,
     sample_seed,
 )
-from lookaheadkv.evaluation.tasks.text import SPLITS, is_train_essay
+from lookaheadkv.tasks.text import SPLITS, is_train_essay
 
 __all__ = [
     "HELDOUT_TASKS",
@@ -46,5 +50,4 @@ __all__ = [
     "make_suite",
     "sample_id",
     "sample_seed",
-    "score_sample",
 ]
