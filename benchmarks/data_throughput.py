@@ -1,8 +1,8 @@
 """Samples per hour of the training data build and of training, before and after bf16 + batching, in one run.
 
 "Before" is how the shipped modules' data were built and trained: a float32 model, one prompt
-at a time. "After" is a bfloat16 model (AVX-512 BF16 on these CPUs), responses generated in
-left-padded batches of prompts of similar length; labels are computed in float32 arithmetic in
+at a time. "After" is a bfloat16 model (AVX-512 BF16 on these CPUs), each prompt prefilled alone and the
+responses decoded in batches of prompts of similar length (ragged caches, padding masked); labels are computed in float32 arithmetic in
 both. The same prompts (the training mixture's sources, 1K-4K tokens, answers up to 256 tokens)
 go through both, in that order, in one process, with nothing else running.
 
@@ -57,9 +57,9 @@ def records_for(tokenizer, n: int, lengths: tuple[int, int], seed: int, max_toke
     return [PromptRecord(p.id, p.source, sources.render(p, tokenizer, max_tokens)) for p in prompts]
 
 
-def timed_build(model, records, folder: Path, args, batch_size: int, eos, pad) -> float:
+def timed_build(model, records, folder: Path, args, batch_size: int, eos) -> float:
     start = time.perf_counter()
-    build(model, records, folder, max_new_tokens=args.max_new_tokens, eos_token_ids=eos, model_name="throughput", batch_size=batch_size, pad_token_id=pad)
+    build(model, records, folder, max_new_tokens=args.max_new_tokens, eos_token_ids=eos, model_name="throughput", batch_size=batch_size)
     return time.perf_counter() - start
 
 
@@ -86,14 +86,14 @@ def main(argv=None) -> int:
         fp32, tokenizer = load_model()
         name = "bundled:smollm2-135m-instruct"
     bf16 = load_model(dtype="bfloat16")[0] if not args.tiny else tiny_model("llama", seed=0, vocab_size=len(tokenizer)).to(torch.bfloat16)
-    eos, pad = eos_ids(fp32, tokenizer), tokenizer.pad_token_id or 0
+    eos = eos_ids(fp32, tokenizer)
     records = records_for(tokenizer, args.prompts, lengths, args.seed, max(lengths))
     tokens = [len(r.token_ids) for r in records]
     print(f"{len(records)} prompts, {min(tokens)}-{max(tokens)} tokens (mean {statistics.mean(tokens):.0f})", file=sys.stderr)
 
     with tempfile.TemporaryDirectory() as tmp:
-        before_s = timed_build(fp32, records, Path(tmp) / "before", args, 1, eos, pad)
-        after_s = timed_build(bf16, records, Path(tmp) / "after", args, args.batch_size, eos, pad)
+        before_s = timed_build(fp32, records, Path(tmp) / "before", args, 1, eos)
+        after_s = timed_build(bf16, records, Path(tmp) / "after", args, args.batch_size, eos)
         a, b = TargetDataset(Path(tmp) / "before"), TargetDataset(Path(tmp) / "after")
         same, tvs, answer_tokens = 0, [], []
         for i in range(len(a)):

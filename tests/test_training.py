@@ -267,6 +267,18 @@ def test_batched_build_equals_one_at_a_time(tmp_path, model):
         torch.testing.assert_close(b[i]["labels"], a[i]["labels"], atol=1e-3, rtol=0)
 
 
+def test_batched_responses_of_different_prompts_are_hf_greedy(model):
+    """Prompts of different lengths decoded in one batch, each at its own true positions: each
+    response equals Hugging Face's own greedy generate of that prompt alone."""
+    from lookaheadkv.training.targets import generate_responses
+
+    prompts = [random_ids(n, seed=40 + n)[0].tolist() for n in (17, 30, 23, 41)]
+    responses, states = generate_responses(model, prompts, 9, [10_000])
+    for prompt, response, state in zip(prompts, responses, states):
+        assert response == hf_greedy(model, torch.tensor([prompt]), 9, None)
+        assert state.length == len(prompt) and state.cache.get_seq_length() == len(prompt)  # left untouched
+
+
 def test_build_refuses_a_folder_built_with_other_settings(tmp_path, model):
     records = make_records(2, seed=23)
     out = tmp_path / "data"

@@ -6,7 +6,7 @@
 * Training stops with ``TrainingError`` on a non-finite loss or gradient and saves nothing
   after its last good checkpoint; a resume that changes the modules' shape is refused and
   leaves the run's saved config alone. The CLI says both in one ``error:`` line, exit 2.
-* Real SIGKILLs (a subprocess killed at a seeded random moment) of a data build and of a
+* Real SIGKILLs (a subprocess killed at a seeded random point: after a random number of samples or steps, plus a random delay) of a data build and of a
   training run, followed by a cut last line in ``log.jsonl``: the rerun ends with the same
   samples / the same modules and log as an uninterrupted run.
 * bf16: a training step's loss on a bf16 base model is within 2% of the fp32 step's, and
@@ -53,10 +53,17 @@ def make():
 exec(WORKER_SETUP)  # defines make() here too: the test and the worker share one definition
 
 
-def run_and_kill(code: str, delay: float) -> int:
-    """Run ``code`` in a fresh Python, SIGKILL it after ``delay`` seconds; its return code."""
+def run_and_kill(code: str, ready, extra: float) -> int:
+    """Run ``code`` in a fresh Python; once ``ready()`` holds, wait ``extra`` seconds and SIGKILL it.
+
+    Waiting for progress (not a fixed delay) makes the kill land mid-run however slow the
+    machine is; ``extra`` (drawn by the caller) moves it to a random point inside a step.
+    """
     proc = subprocess.Popen([sys.executable, "-c", WORKER_SETUP + textwrap.dedent(code)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    time.sleep(delay)
+    deadline = time.monotonic() + 300
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(extra)
     proc.send_signal(signal.SIGKILL)
     return proc.wait()
 
@@ -205,7 +212,9 @@ def test_data_build_killed_and_rerun_equals_an_uninterrupted_build(tmp_path, dat
     model, records = make()
     build(model, records, {str(out)!r}, max_new_tokens=6, eos_token_ids=[2], model_name="tiny", on_progress=lambda i, skipped: time.sleep(0.3))
     """
-    rc = run_and_kill(code, random.Random(17).uniform(4.0, 6.0))
+    rng = random.Random(17)
+    k = rng.randint(2, len(records) - 4)
+    rc = run_and_kill(code, lambda: len(list((out / "samples").glob("*.safetensors"))) >= k, rng.uniform(0.0, 0.3))
     assert rc == -signal.SIGKILL
     done = sorted((out / "samples").glob("*.safetensors"))
     assert 0 < len(done) < len(records), "the kill should land mid-build: adjust the delay"
@@ -227,7 +236,16 @@ def test_training_killed_with_a_cut_log_line_resumes_as_the_same_run(tmp_path, d
     model, _ = make()
     t.train(model, TrainConfig(data={str(data_dir)!r}, out={str(killed)!r}, steps=8, batch=2, lr=1e-2, n_lookahead=4, rank=4, eval_every=0, save_every=1, seed=0), progress=False)
     """
-    assert run_and_kill(code, random.Random(3).uniform(5.0, 6.5)) == -signal.SIGKILL
+    rng = random.Random(3)
+    k = rng.randint(2, 5)
+
+    def reached() -> bool:
+        try:
+            return json.loads((killed / "checkpoint" / "state.json").read_text())["step"] >= k
+        except (OSError, ValueError):
+            return False
+
+    assert run_and_kill(code, reached, rng.uniform(0.0, 0.5)) == -signal.SIGKILL
     step = json.loads((killed / "checkpoint" / "state.json").read_text())["step"]
     assert 0 < step < 8, "the kill should land mid-run: adjust the delay"
     cut_last_line(killed / "log.jsonl")

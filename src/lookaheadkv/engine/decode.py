@@ -95,15 +95,17 @@ def decode_batch(
     model: torch.nn.Module,
     caches: list[DynamicCache],
     first_logits: torch.Tensor,
-    position: int,
+    position: int | list[int],
     max_new_tokens: int,
     *,
     eos_token_ids: Iterable[int] = (),
 ) -> list[list[int]]:
-    """Greedy decoding of several compressed caches of ONE prompt at once.
+    """Greedy decoding of several caches at once: evictions of one prompt, or different prompts.
 
-    Each cache continues the same prompt (so the same ``first_logits`` and ``position``) after
-    a different eviction. Their layers are stacked along the batch dimension and decoded
+    Evictions of ONE prompt share ``first_logits`` (vocab,) and ``position`` (an int).
+    Different prompts (the training data build's batches) give one row of ``first_logits``
+    (batch, vocab) and one true position (their prompt length) per cache; each row then
+    decodes at its own positions. Their layers are stacked along the batch dimension and decoded
     together: the model's weights are read once per step for all of them, which is what makes
     an evaluation of many methods x budgets affordable on a CPU. Caches whose layers hold
     different numbers of entries (other budgets, PyramidKV's per-layer budgets) are padded
@@ -136,9 +138,14 @@ def decode_batch(
     stacked = from_tensors(kv)
     eos = set(eos_token_ids)
     batch = len(caches)
-    first = int(first_logits.argmax())
-    tokens = [[first] for _ in range(batch)]
-    done = [first in eos or max_new_tokens <= 1 for _ in range(batch)]
+    firsts = first_logits.argmax(-1).reshape(-1).tolist()
+    if len(firsts) not in (1, batch):
+        raise ValueError(f"first_logits must be (vocab,) or ({batch}, vocab), got {tuple(first_logits.shape)}")
+    positions = torch.tensor([position] * batch if isinstance(position, int) else list(position))
+    if positions.shape != (batch,):
+        raise ValueError(f"position must be an int or one int per cache ({batch}), got {position!r}")
+    tokens = [[int(firsts[i if len(firsts) > 1 else 0])] for i in range(batch)]
+    done = [t[0] in eos or max_new_tokens <= 1 for t in tokens]
     device = model.device
     active = list(range(batch))  # rows still decoding, in the stacked cache's order
     with hooked(model, (), padding=padding or None):
@@ -155,7 +162,7 @@ def decode_batch(
             last = torch.tensor([[tokens[i][-1]] for i in active], device=device)
             out = model(
                 input_ids=last,
-                position_ids=torch.full((len(active), 1), position + step, device=device),
+                position_ids=(positions[active] + step)[:, None].to(device),
                 cache=stacked,
                 use_cache=True,
                 logits_to_keep=1,

@@ -124,13 +124,12 @@ def build(
     on_progress=None,
     only: set[int] | None = None,
     batch_size: int = 1,
-    pad_token_id: int = 0,
 ) -> int:
     """Generate targets for every record not yet on disk (or only those in ``only``); returns how many were built now.
 
-    With ``batch_size`` > 1 the responses of that many prompts are generated together
-    (a left-padded batch), which is much faster on any hardware; the labels are always
-    computed one sample at a time. Batches are formed from runs of ``8 * batch_size``
+    With ``batch_size`` > 1 the responses of that many prompts are decoded together (one
+    batched step per token, ragged caches padded and masked), which is much faster on any
+    hardware; prefills and labels run one sample at a time, and the labels reuse the prefill. Batches are formed from runs of ``8 * batch_size``
     pending prompts sorted by length, so little of a batch is padding; the order depends
     only on what is pending, so a resumed build forms the same kind of batches.
     """
@@ -151,12 +150,12 @@ def build(
     built = 0
     for chunk in _length_batches(pending, records, batch_size):
         start = time.perf_counter()
-        responses = [None] * len(chunk)
+        responses, states = [None] * len(chunk), [None] * len(chunk)
         if batch_size > 1:
-            prompts = [records[i].token_ids for i in chunk]
-            responses = generate_responses(model, prompts, max_new_tokens, eos_token_ids, pad_token_id)
-        for index, response in zip(chunk, responses):
-            _save_sample(out, index, records[index], model, max_new_tokens, eos_token_ids, response, start)
+            responses, states = generate_responses(model, [records[i].token_ids for i in chunk], max_new_tokens, eos_token_ids)
+        for k, index in enumerate(chunk):
+            _save_sample(out, index, records[index], model, max_new_tokens, eos_token_ids, responses[k], states[k], start)
+            states[k] = None  # free the prompt's cache once it is labelled
             built += 1
             if on_progress:
                 on_progress(index, skipped=False)
@@ -186,8 +185,8 @@ def _length_batches(pending: list[int], records: list[PromptRecord], batch_size:
     return batches
 
 
-def _save_sample(out: Path, index: int, record: PromptRecord, model, max_new_tokens, eos_token_ids, response, start) -> None:
-    target = make_target(model, torch.tensor([record.token_ids]), max_new_tokens, eos_token_ids, response)
+def _save_sample(out: Path, index: int, record: PromptRecord, model, max_new_tokens, eos_token_ids, response, state, start) -> None:
+    target = make_target(model, torch.tensor([record.token_ids]), max_new_tokens, eos_token_ids, response, state)
     tensors = {
         "prompt_ids": target["prompt_ids"].to(torch.int32),
         "response_ids": target["response_ids"].to(torch.int32),
