@@ -561,3 +561,22 @@ def test_gather_keeps_each_heads_own_entries_in_order():
     for h in range(3):
         assert torch.equal(out_k[0, h], keys[0, h, kept[h]]) and torch.equal(out_v[0, h], values[0, h, kept[h]])
     assert out_k.shape == (1, 3, 3, 4) and out_k.is_contiguous() and out_k.data_ptr() != keys.data_ptr()
+
+
+def test_reserved_layer_grows_like_a_dynamic_layer():
+    """ReservedLayer (decode_batch's cache) holds what DynamicLayer's concatenation holds, past its room too."""
+    from transformers.cache_utils import DynamicLayer
+
+    from lookaheadkv.engine.cache import ReservedLayer
+
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    reserved, plain = ReservedLayer(k, v, room=2), DynamicLayer()
+    plain.update(k, v)
+    for step in range(4):  # the third and fourth entries overflow the room
+        nk, nv = torch.randn(3, 2, 1, 4, generator=g), torch.randn(3, 2, 1, 4, generator=g)
+        a, b = reserved.update(nk, nv), plain.update(nk, nv)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    keep = torch.tensor([2, 0])
+    reserved.select_rows(keep)
+    assert torch.equal(reserved.keys, plain.keys.index_select(0, keep)) and reserved.get_seq_length() == 9

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def new_cache() -> DynamicCache:
@@ -20,6 +21,53 @@ def from_tensors(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     cache = DynamicCache()
     for layer_idx, (k, v) in enumerate(kv):
         cache.update(k, v, layer_idx)
+    return cache
+
+
+class ReservedLayer(DynamicLayer):
+    """A cache layer with room reserved for ``room`` more entries.
+
+    A ``DynamicLayer`` concatenates every new entry onto a fresh copy of the whole layer, so a
+    decoding step over a batch of long caches copies all of them (gigabytes per step for 32
+    prompts of 4K tokens). This layer writes the new entries into the reserved slots and hands
+    out views of the filled part; it grows by doubling only if the room runs out.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        self.device, self.is_initialized, self.filled = keys.device, True, keys.shape[-2]
+        self._keys, self._values = (self._reserve(t, room) for t in (keys, values))
+        self._expose()
+
+    @staticmethod
+    def _reserve(t: torch.Tensor, room: int) -> torch.Tensor:
+        out = t.new_empty(*t.shape[:-2], t.shape[-2] + room, t.shape[-1])
+        out[..., : t.shape[-2], :] = t
+        return out
+
+    def _expose(self) -> None:
+        self.keys, self.values = self._keys[..., : self.filled, :], self._values[..., : self.filled, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self.filled + n > self._keys.shape[-2]:
+            self._keys, self._values = (self._reserve(t[..., : self.filled, :], self.filled + n) for t in (self._keys, self._values))
+        self._keys[..., self.filled : self.filled + n, :] = key_states
+        self._values[..., self.filled : self.filled + n, :] = value_states
+        self.filled += n
+        self._expose()
+        return self.keys, self.values
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows ``index`` (rows that finished decoding leave the batch)."""
+        self._keys, self._values = self._keys.index_select(0, index), self._values.index_select(0, index)
+        self._expose()
+
+
+def reserved_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], room: int) -> DynamicCache:
+    """A cache of the given (keys, values) per layer, each with room for ``room`` more entries."""
+    cache = DynamicCache()
+    cache.layers = [ReservedLayer(k, v, room) for k, v in kv]
     return cache
 
 

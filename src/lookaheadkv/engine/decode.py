@@ -117,7 +117,7 @@ def decode_batch(
     """
     if not caches:
         return []
-    from .cache import from_tensors
+    from .cache import reserved_cache
 
     n_layers = len(caches[0].layers)
     if any(len(c.layers) != n_layers for c in caches):
@@ -135,7 +135,7 @@ def decode_batch(
         )
         if ragged:  # (batch, 1, 1, longest): True where a row has a real entry
             padding.append((torch.arange(longest)[None, :] < lengths[:, i, None])[:, None, None, :].to(kv[-1][0].device))
-    stacked = from_tensors(kv)
+    stacked = reserved_cache(kv, max_new_tokens)  # a step writes one slot per row, it copies no layer
     eos = set(eos_token_ids)
     batch = len(caches)
     firsts = first_logits.argmax(-1).reshape(-1).tolist()
@@ -156,7 +156,7 @@ def decode_batch(
             if len(still) < len(active):  # finished rows leave the batch: no step is spent on them
                 keep = torch.tensor(still, device=device)
                 for layer in stacked.layers:
-                    layer.keys, layer.values = layer.keys.index_select(0, keep), layer.values.index_select(0, keep)
+                    layer.select_rows(keep)
                 padding[:] = [m.index_select(0, keep) for m in padding]
                 active = [active[j] for j in still]
             last = torch.tensor([[tokens[i][-1]] for i in active], device=device)
