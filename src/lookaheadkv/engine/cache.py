@@ -71,6 +71,33 @@ def reserved_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], room: int) -> Dy
     return cache
 
 
+def stack_caches(caches: list[DynamicCache], room: int = 0) -> tuple[DynamicCache, list[torch.Tensor]]:
+    """Caches of batch 1 (evictions of one prompt, or different prompts) stacked along the batch.
+
+    Each layer is padded to its longest row. Returns the stacked cache (with room for ``room`` more
+    entries per layer, :class:`ReservedLayer`; DynamicLayers when 0) and the padding: per layer a
+    (batch, 1, 1, longest) boolean mask, True where a row has a real entry ([] when no layer is
+    ragged), for :func:`engine.attention.hooked`'s ``padding``. The caches are left untouched.
+    """
+    n_layers = len(caches[0].layers)
+    if any(len(c.layers) != n_layers for c in caches):
+        raise ValueError("caches of different models (different numbers of layers) cannot be stacked")
+    sizes = torch.tensor([[layer.keys.shape[-2] for layer in c.layers] for c in caches])  # (batch, layers)
+    ragged = bool((sizes != sizes[0]).any())
+    kv, padding = [], []
+    for i in range(n_layers):
+        longest = int(sizes[:, i].max())
+        kv.append(
+            tuple(
+                torch.cat([torch.nn.functional.pad(getattr(c.layers[i], part), (0, 0, 0, longest - int(n))) for c, n in zip(caches, sizes[:, i])])
+                for part in ("keys", "values")
+            )
+        )
+        if ragged:
+            padding.append((torch.arange(longest)[None, :] < sizes[:, i, None])[:, None, None, :].to(kv[-1][0].device))
+    return (reserved_cache(kv, room) if room else from_tensors(kv)), padding
+
+
 def copy_cache(cache: DynamicCache) -> DynamicCache:
     """A cache that can grow without touching ``cache`` (updates concatenate into new tensors)."""
     return from_tensors([layer_kv(cache, i) for i in range(len(cache.layers))])

@@ -99,52 +99,39 @@ def decode_batch(
     max_new_tokens: int,
     *,
     eos_token_ids: Iterable[int] = (),
+    sampling: Sampling = Sampling(),
 ) -> list[list[int]]:
-    """Greedy decoding of several caches at once: evictions of one prompt, or different prompts.
+    """Decoding of several caches at once: evictions of one prompt, or different prompts.
 
     Evictions of ONE prompt share ``first_logits`` (vocab,) and ``position`` (an int).
-    Different prompts (the training data build's batches) give one row of ``first_logits``
-    (batch, vocab) and one true position (their prompt length) per cache; each row then
-    decodes at its own positions. Their layers are stacked along the batch dimension and decoded
-    together: the model's weights are read once per step for all of them, which is what makes
-    an evaluation of many methods x budgets affordable on a CPU. Caches whose layers hold
-    different numbers of entries (other budgets, PyramidKV's per-layer budgets) are padded
-    to the longest in each layer and the padding is masked out of every step's attention.
-    Row ``i`` stops at its own EOS exactly as :func:`decode` would and then leaves the batch;
-    the loop ends when every row has stopped. Greedy only. The caches are left untouched.
-    The result equals running :func:`decode` on each cache up to floating-point summation
-    order in the batched matmuls (tested).
+    Different prompts (the training data build's batches, :func:`engine.batch.generate_batch_ids`)
+    give one row of ``first_logits`` (batch, vocab) and one true position (their prompt length) per
+    cache; each row then decodes at its own positions. Their layers are stacked along the batch
+    dimension and decoded together: the model's weights are read once per step for all of them,
+    which is what makes an evaluation of many methods x budgets affordable on a CPU. Caches whose
+    layers hold different numbers of entries (other budgets, PyramidKV's per-layer budgets, other
+    prompts) are padded to the longest in each layer and the padding is masked out of every step's
+    attention. Row ``i`` stops at its own EOS exactly as :func:`decode` would and then leaves the
+    batch; the loop ends when every row has stopped. Greedy by default; with ``sampling`` each row
+    draws from its own generator seeded as :func:`decode` seeds one, so a row samples what it would
+    alone. The caches are left untouched. The result equals running :func:`decode` on each cache up
+    to floating-point summation order in the batched matmuls (tested).
     """
     if not caches:
         return []
-    from .cache import reserved_cache
+    from .cache import stack_caches
 
-    n_layers = len(caches[0].layers)
-    if any(len(c.layers) != n_layers for c in caches):
-        raise ValueError("decode_batch needs caches of the same model (same number of layers)")
-    lengths = torch.tensor([[layer.keys.shape[-2] for layer in c.layers] for c in caches])  # (batch, layers)
-    ragged = bool((lengths != lengths[0]).any())
-    kv, padding = [], []
-    for i in range(n_layers):
-        longest = int(lengths[:, i].max())
-        kv.append(
-            tuple(
-                torch.cat([torch.nn.functional.pad(getattr(c.layers[i], part), (0, 0, 0, longest - int(n))) for c, n in zip(caches, lengths[:, i])])
-                for part in ("keys", "values")
-            )
-        )
-        if ragged:  # (batch, 1, 1, longest): True where a row has a real entry
-            padding.append((torch.arange(longest)[None, :] < lengths[:, i, None])[:, None, None, :].to(kv[-1][0].device))
-    stacked = reserved_cache(kv, max_new_tokens)  # a step writes one slot per row, it copies no layer
+    stacked, padding = stack_caches(caches, max_new_tokens)  # a step writes one slot per row, it copies no layer
     eos = set(eos_token_ids)
     batch = len(caches)
-    firsts = first_logits.argmax(-1).reshape(-1).tolist()
-    if len(firsts) not in (1, batch):
+    first = first_logits.reshape(-1, first_logits.shape[-1])
+    if first.shape[0] not in (1, batch):
         raise ValueError(f"first_logits must be (vocab,) or ({batch}, vocab), got {tuple(first_logits.shape)}")
     positions = torch.tensor([position] * batch if isinstance(position, int) else list(position))
     if positions.shape != (batch,):
         raise ValueError(f"position must be an int or one int per cache ({batch}), got {position!r}")
-    tokens = [[int(firsts[i if len(firsts) > 1 else 0])] for i in range(batch)]
+    generators = [sampling.generator() for _ in range(batch)]
+    tokens = [[sampling.pick(first[i if first.shape[0] > 1 else 0], generators[i])] for i in range(batch)]
     done = [t[0] in eos or max_new_tokens <= 1 for t in tokens]
     device = model.device
     active = list(range(batch))  # rows still decoding, in the stacked cache's order
@@ -167,7 +154,8 @@ def decode_batch(
                 use_cache=True,
                 logits_to_keep=1,
             )
-            for i, token in zip(active, out.logits[:, -1].argmax(-1).tolist()):
-                tokens[i].append(int(token))
+            for i, row in zip(active, out.logits[:, -1]):
+                token = sampling.pick(row, generators[i])
+                tokens[i].append(token)
                 done[i] = token in eos or len(tokens[i]) >= max_new_tokens
     return tokens
