@@ -62,11 +62,14 @@ def decode(
     eos_token_ids: Iterable[int] = (),
     on_token: Callable[[int], None] | None = None,
     observers: list[Observer | None] = (),
+    after_step: Callable[[int], None] | None = None,
 ) -> list[int]:
     """Generate up to ``max_new_tokens`` tokens; the first one comes from ``first_logits``.
 
     ``position`` is the true position of the first new token (the prompt length), whatever
     the cache now holds: rotary embeddings see the tokens where they really are.
+    ``after_step(n)`` runs after each forward, when ``n`` new tokens are in the cache (decode-time
+    eviction re-scores the cache in place there: :mod:`lookaheadkv.engine.rescore`).
     """
     eos = set(eos_token_ids)
     generator = sampling.generator()
@@ -87,6 +90,8 @@ def decode(
                 use_cache=True,
             )
             logits = out.logits[0, -1]
+            if after_step is not None:
+                after_step(step + 1)
     return tokens
 
 
