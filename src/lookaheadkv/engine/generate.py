@@ -88,19 +88,57 @@ def run_prefill(model: torch.nn.Module, input_ids: torch.Tensor, policy) -> tupl
     return prefill(model, input_ids, [observer], tail=policy.tail(model)), observer
 
 
-def generate_ids(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    policy,
-    *,
-    max_new_tokens: int = 64,
-    sampling: Sampling = Sampling(),
-    eos_token_ids=(),
-    on_token: Callable[[int], None] | None = None,
-) -> tuple[list[int], Stats, list[torch.Tensor] | None]:
-    """Token-level pipeline: prefill ``input_ids`` (1, L), evict with ``policy``, decode."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+@dataclass
+class Selection:
+    """What eviction keeps of one prompt: the engine-neutral result of :func:`select_kv`.
+
+    An engine that runs its own decoding loop (docs/serving.md) needs only this: per layer and KV
+    head the kept prompt positions (ascending), the kept keys and values (post-RoPE, each at its
+    original position), and the next-token logits. Decoding continues at position ``length``, the
+    prompt's TRUE length, whatever number of entries was kept.
+    """
+
+    input_ids: torch.Tensor  # (1, L)
+    kept: list[torch.Tensor] | None  # per layer (kv_heads, k) prompt positions, ascending; None = all of them
+    cache: object  # DynamicCache of the kept entries: layer l holds (1, kv_heads, k_l, head_dim) keys and values
+    logits: torch.Tensor  # (vocab,) next-token logits after the prompt
+    stats: Stats
+
+    @property
+    def length(self) -> int:
+        """The prompt's true length: the position of the first new token."""
+        return self.input_ids.shape[1]
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        """Per layer the kept keys (kv_heads, k, head_dim), rotated at their original positions."""
+        return [layer.keys[0] for layer in self.cache.layers]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        """Per layer the kept values (kv_heads, k, head_dim)."""
+        return [layer.values[0] for layer in self.cache.layers]
+
+    def positions(self) -> list[torch.Tensor]:
+        """Per layer (kv_heads, k) kept prompt positions, also when everything was kept (``kept`` is None)."""
+        if self.kept is not None:
+            return self.kept
+        return [torch.arange(k.shape[1], device=k.device).expand(k.shape[0], -1) for k in self.keys]
+
+
+def select_kv(model: torch.nn.Module, input_ids: torch.Tensor, policy, *, max_new_tokens: int = 1) -> Selection:
+    """Prefill one prompt ``input_ids`` (1, L), score it with ``policy`` and keep its top entries per layer and KV head.
+
+    The engine-neutral seam (docs/serving.md): no decoding happens here. ``policy=None`` keeps
+    everything. ``max_new_tokens`` is only used to refuse eviction on sliding-window layers whose
+    window the answer would pass.
+
+    Examples
+    --------
+    >>> sel = select_kv(model, input_ids, SnapKV(budget=128))
+    >>> sel.kept[0].shape, sel.keys[0].shape   # (kv_heads, 128), (kv_heads, 128, head_dim)
+    >>> next_token = int(sel.logits.argmax())  # at position sel.length
+    """
     if policy is not None:  # None keeps the whole cache (as FullKV does)
         check_policy(policy)
     input_ids = check_input_ids(model, input_ids)
@@ -118,13 +156,35 @@ def generate_ids(
         eviction_seconds=done.score_seconds + done.evict_seconds,
         tail_rows=state.tail_rows,
     )
-    del state.cache  # free the full cache before decoding
+    del state.cache  # free the full cache (unless nothing was evicted: then it is the selection's)
+    return Selection(state.input_ids, done.kept, done.cache, state.logits, stats)
+
+
+def check_max_new_tokens(max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+
+
+def generate_ids(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    policy,
+    *,
+    max_new_tokens: int = 64,
+    sampling: Sampling = Sampling(),
+    eos_token_ids=(),
+    on_token: Callable[[int], None] | None = None,
+) -> tuple[list[int], Stats, list[torch.Tensor] | None]:
+    """Token-level pipeline: prefill ``input_ids`` (1, L), evict with ``policy``, decode."""
+    check_max_new_tokens(max_new_tokens)
+    selection = select_kv(model, input_ids, policy, max_new_tokens=max_new_tokens)
+    stats = selection.stats
     start = time.perf_counter()
     tokens = decode(
         model,
-        done.cache,
-        state.logits,
-        state.length,
+        selection.cache,
+        selection.logits,
+        selection.length,
         max_new_tokens,
         sampling=sampling,
         eos_token_ids=eos_token_ids,
@@ -132,14 +192,14 @@ def generate_ids(
     )
     stats.decode_seconds = time.perf_counter() - start
     stats.new_tokens = len(tokens)
-    return tokens, stats, done.kept
+    return tokens, stats, selection.kept
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
     """Token ids (1, L) of ``prompt``, wrapped in the chat template when the tokenizer has one."""
     if not isinstance(prompt, str):
         kind = type(prompt).__name__
-        hint = "call generate once per prompt (batch size 1)" if isinstance(prompt, (list, tuple)) else "give the prompt as text"
+        hint = "call generate once per prompt, or generate_batch(model, tokenizer, prompts, policy) for several at once" if isinstance(prompt, (list, tuple)) else "give the prompt as text"
         raise TypeError(f"prompt must be a str, got {kind}: {hint}")
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty: give some text")

@@ -43,7 +43,7 @@ def check_input_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Te
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.shape[0] != 1:
-        raise ValueError(f"batch size must be 1, got {input_ids.shape[0]}: run one prompt at a time")
+        raise ValueError(f"batch size must be 1, got {input_ids.shape[0]}: run one prompt at a time, or generate_batch_ids(model, input_ids, policy, attention_mask=mask) for a batch")
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty: give at least one token")
     vocab = model.get_input_embeddings().num_embeddings
@@ -137,16 +137,23 @@ def extend(
     inputs_embeds: torch.Tensor | None = None,
     observers: list[Observer | None] = (),
     logits: bool = False,
+    position: int | None = None,
 ) -> torch.Tensor | None:
     """Run tokens at positions ``prompt_len ..`` over the prompt's cache, then drop their entries.
 
     This is how a scorer looks at the prompt from "after" it (lookahead tokens, draft
     tokens, a response) without changing the prompt's cache. Gradients flow if the caller
     enables them. Returns the logits (1, n, vocab) when ``logits`` is set.
+
+    ``position``: the true position of the first token when the cache holds fewer entries than
+    positions (an evicted cache during decoding); every layer is then cut back to its own length.
     """
     n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
     device = model.device
-    positions = torch.arange(prompt_len, prompt_len + n, device=device)[None]
+    if position is not None:
+        prompt_len = [layer.keys.shape[-2] for layer in cache.layers]
+    first = prompt_len if position is None else position
+    positions = torch.arange(first, first + n, device=device)[None]
     try:
         with hooked(model, observers):
             out = model(
@@ -158,5 +165,9 @@ def extend(
                 logits_to_keep=n if logits else 1,
             )
     finally:
-        crop(cache, prompt_len)
+        if position is None:
+            crop(cache, prompt_len)
+        else:
+            for layer, length in zip(cache.layers, prompt_len):
+                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
     return out.logits if logits else None
