@@ -2,7 +2,8 @@
 
 * Observers that watch a forward's attention layers: :class:`AttentionMass` (chunked ``rows x L``
   attention summed or maxed over rows), :class:`QueryRecorder`, :class:`Observers` (several as one).
-* Score-row helpers: :func:`attention_mass`, :func:`reduce_gqa` (query heads -> KV heads),
+* Score-row helpers: :func:`attention_mass`, :func:`attention_at` (rows over a cache of entries at
+  true positions, for decode-time re-scoring), :func:`reduce_gqa` (query heads -> KV heads),
   :func:`max_pool` (along the prompt).
 * The ground truth (``docs/method.md``, "The ground truth"): :func:`ground_truth`, the importance of
   each prompt token to a response, and :func:`attention_recall`, the share of it a kept cache holds.
@@ -50,6 +51,26 @@ def attention_mass(
         else:
             total = torch.maximum(total, part) if reduce == "max" else total + part
     return total
+
+
+def attention_at(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, query_positions: torch.Tensor, key_positions: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention of query rows over a cache whose entries sit at given true positions: (heads, rows, k).
+
+    ``query`` (heads, rows, d) at ``query_positions`` (rows,); ``key`` (kv_heads, k, d) with
+    ``key_positions`` (kv_heads, k), each KV head its own (an evicted cache keeps different entries
+    per head). A row sees the entries at or before its position: causal by position, not by
+    index. Float32, one ``rows x k`` matmul per KV head group.
+    """
+    heads, rows, dim = query.shape
+    kv_heads, k = key.shape[0], key.shape[1]
+    group = heads // kv_heads
+    grouped = (query * scaling).reshape(kv_heads, group * rows, dim)
+    logits = torch.matmul(grouped, key.transpose(-1, -2)).view(kv_heads, group, rows, k).float()
+    qpos = query_positions.to(key.device).view(1, 1, rows, 1)
+    hidden = key_positions.to(key.device)[:, None, None, :] > qpos
+    return logits.masked_fill_(hidden, float("-inf")).softmax(dim=-1).view(heads, rows, k)
 
 
 def reduce_gqa(scores: torch.Tensor, kv_heads: int, how: str = "mean") -> torch.Tensor:

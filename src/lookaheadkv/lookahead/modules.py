@@ -238,15 +238,17 @@ class LookaheadModules(nn.Module):
         n = self.config.n_lookahead
         return Tail(self.tokens[None].detach().to(model.dtype), AttentionMass(), lambda: self.applied(model, last=n))
 
-    def attention_mass(self, model: nn.Module, cache, prompt_len: int) -> list[torch.Tensor]:
+    def attention_mass(self, model: nn.Module, cache, prompt_len: int, position: int | None = None) -> list[torch.Tensor]:
         """Run the lookahead tokens over a prompt's cache: per layer (heads, L) attention summed over the n tokens.
 
         The cache is left as it was. Differentiable with respect to the modules when grad is enabled.
+        ``position``: the tokens' first true position when the cache holds fewer entries than
+        positions (decode-time re-scoring of an evicted cache: the next token's position).
         """
         observer = AttentionMass()
         embeds = self.tokens[None].to(model.dtype)  # (1, n, hidden)
         with self.applied(model):
-            extend(model, cache, prompt_len, inputs_embeds=embeds, observers=[observer])
+            extend(model, cache, prompt_len, inputs_embeds=embeds, observers=[observer], position=position)
         return observer.per_layer()
 
     def num_trainable(self) -> int:

@@ -67,6 +67,16 @@ class Policy:
         """Per layer (kv_heads, L) scores, higher = keep; None keeps everything."""
         raise NotImplementedError
 
+    def decode_scorer(self, model: torch.nn.Module):
+        """The scorer that re-scores the cache during decoding under a decode budget (``engine.rescore``).
+
+        Policies without one refuse with one line (:attr:`no_decode_scorer` says why).
+        """
+        raise ValueError(f"{self.name} has no decode-time scorer: {self.no_decode_scorer}")
+
+    #: Why a policy has no decode-time scorer (shown when a decode budget asks for one).
+    no_decode_scorer: ClassVar[str] = "use one of lookahead, snapkv, pyramidkv, h2o, tova, streamingllm, random"
+
     def layer_budgets(self, num_layers: int, prompt_len: int) -> list[int]:
         """Entries kept per layer: the budget, capped at the prompt (a budget at or above it keeps it all)."""
         return [min(prompt_len, resolve_budget(self.budget, prompt_len))] * num_layers

@@ -12,6 +12,7 @@ class FullKV(Policy):
     """Keep the whole prompt cache (the budget is ignored)."""
 
     name = "full"
+    no_decode_scorer = "it keeps the whole cache, and a decode budget evicts: drop --decode-budget, or pick an eviction method"
     evicts = False
 
     def scores(self, model, prefill, observer):

@@ -32,6 +32,12 @@ class H2O(Policy):
     def observer(self):
         return AttentionMass(last_rows=None, chunk=self.chunk)
 
+    def decode_scorer(self, model):
+        """H2O's decoding rule: attention accumulated over every query so far (the recent window is the engine's)."""
+        from .decoding import CumulativeAttention
+
+        return CumulativeAttention(model.config.num_key_value_heads, self.gqa_reduce)
+
     def scores(self, model, prefill, observer):
         kv_heads = model.config.num_key_value_heads
         out = []

@@ -42,6 +42,10 @@ class LAQ(Policy):
     kernel: int = 7
     prompt_rows: int = 8
     name = "laq"
+    no_decode_scorer = (
+        "its pseudo queries stand in for answer queries that decoding has for real, which makes it "
+        "SnapKV's decode-time scorer: use --method snapkv (or lookahead, h2o, tova)"
+    )
     budget_dependent = True  # the draft runs on a copy compressed to the budget
 
     def observer(self):

@@ -70,6 +70,12 @@ class LookaheadKV(Policy):
     def tail(self, model):
         return self.resolve(model).tail(model) if self.fused else None
 
+    def decode_scorer(self, model):
+        """The lookahead tokens over the current cache at the next true positions (``policies.decoding``)."""
+        from .decoding import LookaheadScores
+
+        return LookaheadScores(self, model)
+
     @torch.no_grad()  # inference: never build an autograd graph through the model (training uses attention_mass)
     def scores(self, model, prefill, observer):
         modules = self.resolve(model)

@@ -28,6 +28,7 @@ class Oracle(Policy):
 
     max_new_tokens: int = 64
     name = "oracle"
+    no_decode_scorer = "it needs the rest of the full-cache answer, which a re-scoring mid-answer does not have; use lookahead, snapkv, h2o or tova"
 
     @torch.no_grad()
     def scores(self, model, prefill, observer):

@@ -22,6 +22,12 @@ class RandomPolicy(Policy):
     seed: int = 0
     name = "random"
 
+    def decode_scorer(self, model):
+        """Fresh uniform scores at every re-scoring (the floor)."""
+        from .decoding import RandomScores
+
+        return RandomScores(self.seed + 1)
+
     def scores(self, model, prefill, observer):
         g = torch.Generator().manual_seed(self.seed)
         kv_heads = model.config.num_key_value_heads

@@ -50,6 +50,15 @@ class SnapKV(Policy):
     def observer(self):
         return AttentionMass(last_rows=self.window)
 
+    def decode_scorer(self, model):
+        """The last ``window`` generated tokens' queries are the window (pooled, GQA-reduced as at prefill).
+
+        PyramidKV inherits it: during decoding every layer has the same (flat) decode budget.
+        """
+        from .decoding import WindowQueries
+
+        return WindowQueries(model, self.window, self.kernel, self.gqa_reduce)
+
     def scores(self, model, prefill, observer):
         kv_heads = model.config.num_key_value_heads
         pooled = [window_scores(s, self.window, self.kernel) for s in observer.per_layer()]  # per query head

@@ -52,6 +52,10 @@ class SpecKV(Policy):
     kernel: int = 7
     gqa_reduce: str = "max"
     name = "speckv"
+    no_decode_scorer = (
+        "re-drafting at every re-scoring would decode the draft model beside the target for the whole "
+        "answer; use --method snapkv (the generated tokens' queries are the window) or lookahead"
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -31,6 +31,12 @@ class StreamingLLM(Policy):
         if self.n_sink < 0:
             raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
 
+    def decode_scorer(self, model):
+        """Sinks plus the latest positions, as at prefill."""
+        from .decoding import Recency
+
+        return Recency(self.n_sink)
+
     def scores(self, model, prefill, observer):
         position = torch.arange(prefill.length, dtype=torch.float32)  # later = higher
         position[: self.n_sink] = float("inf")

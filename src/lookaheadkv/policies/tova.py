@@ -20,6 +20,12 @@ class TOVA(Policy):
     def observer(self):
         return AttentionMass(last_rows=1)
 
+    def decode_scorer(self, model):
+        """TOVA's decoding rule: the last generated token's attention, averaged over the layer's heads."""
+        from .decoding import WindowQueries
+
+        return WindowQueries(model, 1, all_heads=True)
+
     def scores(self, model, prefill, observer):
         kv_heads = model.config.num_key_value_heads
         return [s.mean(dim=0, keepdim=True).expand(kv_heads, -1) for s in observer.per_layer()]
