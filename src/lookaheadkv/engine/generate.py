@@ -13,6 +13,7 @@ from .cache import gather, kv_bytes, lengths
 from .decode import Sampling, decode
 from .evict import select
 from .prefill import Prefill, check_input_ids, prefill
+from .rescore import BudgetedDecoding, DecodeBudget, DecodeRecord, decode_scorer
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Stats:
     decode_seconds: float = 0.0
     new_tokens: int = 0
     tail_rows: int = 0  # a policy's extra rows inside the prefill (LookaheadKV's tokens): their time is in prefill_seconds
+    decode_eviction: DecodeRecord | None = None  # what a decode budget did (engine.rescore); None without one
 
     def line(self) -> str:
         kept = sorted(set(self.kept_per_layer))
@@ -46,6 +48,7 @@ class Stats:
             f" -> {self.kv_bytes_after / 2**20:.2f} MiB | prefill {self.prefill_seconds:.2f}s"
             + (f" (with {self.tail_rows} lookahead rows)" if self.tail_rows else "")
             + f" | eviction {self.eviction_seconds * 1000:.1f}ms | decode {self.new_tokens} tok in {self.decode_seconds:.2f}s"
+            + (f" | {self.decode_eviction.line()}" if self.decode_eviction is not None else "")
         )
 
 
@@ -57,14 +60,19 @@ class Generation:
     kept: list[torch.Tensor] | None = field(default=None, repr=False)
 
 
-def compress(model: torch.nn.Module, state: Prefill, policy, observer=None) -> Compressed:
-    """Score ``state``'s prompt with ``policy`` and build the evicted cache (``state`` is untouched; None keeps it all)."""
+def compress(model: torch.nn.Module, state: Prefill, policy, observer=None, cap: int | None = None) -> Compressed:
+    """Score ``state``'s prompt with ``policy`` and build the evicted cache (``state`` is untouched; None keeps it all).
+
+    ``cap``: no layer keeps more than this many entries per KV head (a decode budget).
+    """
     start = time.perf_counter()
     scores = None if policy is None else policy.scores(model, state, observer)
     scored = time.perf_counter()
     if scores is None:
         return Compressed(state, state.cache, None, scored - start, 0.0)
     budgets = policy.layer_budgets(len(scores), state.length)
+    if cap is not None:
+        budgets = [min(b, cap) for b in budgets]
     kept = select(scores, budgets)
     cache = gather(state.cache, kept)
     return Compressed(state, cache, kept, scored - start, time.perf_counter() - scored)
@@ -103,6 +111,7 @@ class Selection:
     cache: object  # DynamicCache of the kept entries: layer l holds (1, kv_heads, k_l, head_dim) keys and values
     logits: torch.Tensor  # (vocab,) next-token logits after the prompt
     stats: Stats
+    observer: object = field(default=None, repr=False)  # the policy's prefill observer (a decode-time scorer may carry it on)
 
     @property
     def length(self) -> int:
@@ -126,7 +135,7 @@ class Selection:
         return [torch.arange(k.shape[1], device=k.device).expand(k.shape[0], -1) for k in self.keys]
 
 
-def select_kv(model: torch.nn.Module, input_ids: torch.Tensor, policy, *, max_new_tokens: int = 1) -> Selection:
+def select_kv(model: torch.nn.Module, input_ids: torch.Tensor, policy, *, max_new_tokens: int = 1, cap: int | None = None) -> Selection:
     """Prefill one prompt ``input_ids`` (1, L), score it with ``policy`` and keep its top entries per layer and KV head.
 
     The engine-neutral seam (docs/serving.md): no decoding happens here. ``policy=None`` keeps
@@ -146,7 +155,7 @@ def select_kv(model: torch.nn.Module, input_ids: torch.Tensor, policy, *, max_ne
         check_eviction_window(model, input_ids.shape[-1] + max(max_new_tokens, getattr(policy, "n_draft", 0) + 1) - 1)
     state, observer = run_prefill(model, input_ids, policy)
     before = kv_bytes(state.cache)
-    done = compress(model, state, policy, observer)
+    done = compress(model, state, policy, observer, cap)
     stats = Stats(
         prompt_tokens=state.length,
         kept_per_layer=lengths(done.cache),
@@ -157,7 +166,7 @@ def select_kv(model: torch.nn.Module, input_ids: torch.Tensor, policy, *, max_ne
         tail_rows=state.tail_rows,
     )
     del state.cache  # free the full cache (unless nothing was evicted: then it is the selection's)
-    return Selection(state.input_ids, done.kept, done.cache, state.logits, stats)
+    return Selection(state.input_ids, done.kept, done.cache, state.logits, stats, observer)
 
 
 def check_max_new_tokens(max_new_tokens) -> None:
@@ -174,11 +183,23 @@ def generate_ids(
     sampling: Sampling = Sampling(),
     eos_token_ids=(),
     on_token: Callable[[int], None] | None = None,
+    decode_budget: DecodeBudget | None = None,
 ) -> tuple[list[int], Stats, list[torch.Tensor] | None]:
-    """Token-level pipeline: prefill ``input_ids`` (1, L), evict with ``policy``, decode."""
+    """Token-level pipeline: prefill ``input_ids`` (1, L), evict with ``policy``, decode.
+
+    ``decode_budget`` (:class:`engine.rescore.DecodeBudget`) also holds the cache under a budget
+    while decoding, re-scored by the policy's decode-time scorer; ``stats.decode_eviction`` says what it did.
+    """
     check_max_new_tokens(max_new_tokens)
-    selection = select_kv(model, input_ids, policy, max_new_tokens=max_new_tokens)
+    if decode_budget is not None and not isinstance(decode_budget, DecodeBudget):
+        raise TypeError(f"decode_budget must be a DecodeBudget (e.g. DecodeBudget(256, interval=32)), got {decode_budget!r}")
+    scorer = None if decode_budget is None else decode_scorer(policy, model)  # refused before any prefill
+    selection = select_kv(model, input_ids, policy, max_new_tokens=max_new_tokens, cap=None if decode_budget is None else decode_budget.budget)
     stats = selection.stats
+    budgeted = None
+    if scorer is not None:
+        budgeted = BudgetedDecoding(model, selection.cache, selection.kept, selection.length, decode_budget, scorer, observer=selection.observer)
+        stats.decode_eviction = budgeted.record
     start = time.perf_counter()
     tokens = decode(
         model,
@@ -189,6 +210,8 @@ def generate_ids(
         sampling=sampling,
         eos_token_ids=eos_token_ids,
         on_token=on_token,
+        observers=budgeted.observers() if budgeted is not None else (),
+        after_step=budgeted.after_step if budgeted is not None else None,
     )
     stats.decode_seconds = time.perf_counter() - start
     stats.new_tokens = len(tokens)
@@ -233,8 +256,15 @@ def generate(
     seed: int | None = None,
     chat: bool = True,
     stream: Callable[[str], None] | None = None,
+    decode_budget: int | None = None,
+    interval: int = 32,
+    recent: int = 32,
 ) -> Generation:
     """Answer ``prompt`` with the prompt's KV cache compressed by ``policy``.
+
+    ``decode_budget`` holds the whole cache, prompt and answer, at or under that many entries per
+    KV head while decoding: re-scored by the policy every ``interval`` tokens, the last
+    ``min(recent, decode_budget // 2)`` entries always kept (:mod:`lookaheadkv.engine.rescore`).
 
     Examples
     --------
@@ -245,6 +275,7 @@ def generate(
     """
     if policy is not None:  # None keeps the whole cache (as FullKV does)
         check_policy(policy)
+    budget = None if decode_budget is None else DecodeBudget(decode_budget, interval, recent)
     sampling = Sampling(temperature, top_p, seed)
     input_ids = encode_prompt(tokenizer, prompt, chat)
     on_token = None
@@ -258,6 +289,7 @@ def generate(
         sampling=sampling,
         eos_token_ids=eos_ids(model, tokenizer),
         on_token=on_token,
+        decode_budget=budget,
     )
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     if on_token is not None:
