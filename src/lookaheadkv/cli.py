@@ -140,6 +140,9 @@ def generate(
     top_p: float = typer.Option(1.0),
     seed: Optional[int] = typer.Option(None),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not wrap the prompt in the chat template."),
+    decode_budget: Optional[int] = typer.Option(None, min=1, help="Also hold the whole cache (prompt and answer) at or under this many entries per KV head while decoding."),
+    interval: int = typer.Option(32, min=1, help="With --decode-budget: re-score the cache every this many generated tokens (peak: budget + interval)."),
+    recent: int = typer.Option(32, min=0, help="With --decode-budget: the most recent entries always kept (at most half the decode budget)."),
 ):
     """Answer a prompt with its KV cache compressed by one method; prints the answer and a stats line."""
     from .engine.generate import generate as run
@@ -149,8 +152,10 @@ def generate(
     if draft is not None and method != "speckv":
         fail("--draft only applies to --method speckv")
     policy = build_policy(method, parse_budget(budget), modules, draft)
+    if decode_budget is not None and not policy.has_decode_scorer:
+        fail(f"{method} has no decode-time scorer: {policy.no_decode_scorer}")
     llm, tokenizer = load_model(model)
-    out = run(llm, tokenizer, text, policy, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=not no_chat, stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    out = run(llm, tokenizer, text, policy, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=not no_chat, stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()), decode_budget=decode_budget, interval=interval, recent=recent)
     typer.echo("")
     typer.echo(f"[{method} budget={budget}] {out.stats.line()}", err=True)
 

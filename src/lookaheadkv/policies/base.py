@@ -74,6 +74,11 @@ class Policy:
         """
         raise ValueError(f"{self.name} has no decode-time scorer: {self.no_decode_scorer}")
 
+    @property
+    def has_decode_scorer(self) -> bool:
+        """Whether this policy can run under a decode budget (it overrides :meth:`decode_scorer`)."""
+        return type(self).decode_scorer is not Policy.decode_scorer
+
     #: Why a policy has no decode-time scorer (shown when a decode budget asks for one).
     no_decode_scorer: ClassVar[str] = "use one of lookahead, snapkv, pyramidkv, h2o, tova, streamingllm, random"
 
