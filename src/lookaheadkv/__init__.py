@@ -11,12 +11,17 @@ _WHERE = {
     "Sampling": ".engine",
     "generate": ".engine",
     "generate_ids": ".engine",
+    "generate_batch": ".engine",
+    "generate_batch_ids": ".engine",
+    "select_kv": ".engine",
+    "evicting": ".integrations",
+    "pipeline": ".integrations",
     "LookaheadModules": ".lookahead",
     "load_model": ".models",
     **{name: ".policies" for name in ("H2O", "LAQ", "LookaheadKV", "Oracle", "SpecKV", "TOVA", "FullKV", "PyramidKV", "RandomPolicy", "SnapKV", "StreamingLLM", "make_policy")},
 }
 
-__all__ = ["Sampling", "generate", "generate_ids", "FullKV", "RandomPolicy", "StreamingLLM", "SnapKV", "PyramidKV", "H2O", "TOVA", "make_policy", "load_model", "LookaheadKV", "LookaheadModules", "LAQ", "SpecKV", "Oracle"]
+__all__ = ["Sampling", "generate", "generate_ids", "generate_batch", "generate_batch_ids", "select_kv", "evicting", "pipeline", "FullKV", "RandomPolicy", "StreamingLLM", "SnapKV", "PyramidKV", "H2O", "TOVA", "make_policy", "load_model", "LookaheadKV", "LookaheadModules", "LAQ", "SpecKV", "Oracle"]
 
 
 def __getattr__(name):
