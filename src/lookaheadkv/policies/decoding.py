@@ -32,8 +32,8 @@ from ..scoring import attention_at, max_pool, reduce_gqa
 class WindowQueries:
     """The last ``window`` generated tokens' queries vote over the current cache.
 
-    ``all_heads`` (TOVA): the votes are averaged over every head of the layer, the same score for
-    each KV head; otherwise each query head's votes are max-pooled along the cache (``kernel``) and
+    ``all_heads`` (TOVA): the votes for a position are averaged over every head of the layer (the
+    same score wherever that position is kept); otherwise each query head's votes are max-pooled along the cache (``kernel``) and
     a GQA group's pooled votes reduced to its KV head (``gqa_reduce``), SnapKV's order. Pooling runs
     along the cache order, which is position order with the evicted entries left out.
     """
@@ -69,12 +69,24 @@ class WindowQueries:
 
     def scores(self, model, view: CacheView) -> list[torch.Tensor]:
         out = []
-        for mass in self.mass(view):
+        for mass, positions in zip(self.mass(view), view.positions):
             if self.all_heads:
-                out.append(mass.mean(dim=0, keepdim=True).expand(self.kv_heads, -1))
+                out.append(self._by_position(mass, positions.to(mass.device)))
             else:
                 out.append(reduce_gqa(max_pool(mass, self.kernel), self.kv_heads, self.gqa_reduce))
         return out
+
+
+    def _by_position(self, mass: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """TOVA's layer-wide score of a position: its attention averaged over ALL heads of the layer.
+
+        KV heads hold different entries after per-head eviction: a head whose KV head evicted a
+        position gives it 0. The score is then read back for each (KV head, entry).
+        """
+        group = mass.shape[0] // self.kv_heads
+        index = positions.repeat_interleave(group, dim=0)  # (heads, n): each query head's entries
+        total = mass.new_zeros(int(positions.max()) + 1).index_add_(0, index.reshape(-1), mass.reshape(-1))
+        return total[positions] / mass.shape[0]
 
 
 class CumulativeAttention:
