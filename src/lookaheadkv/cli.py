@@ -340,18 +340,28 @@ def resolve_tasks(text: str) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
-def run_eval(llm, tokenizer, samples, methods, budgets, out: Path, options: dict, report_only: bool = False, keep_errors: bool = False, plots: bool = True) -> list[dict]:
-    """Run (unless report_only) and report: terminal tables, summary.md, and with ``plots`` score.png and recall.png; returns the reported rows."""
+def run_eval(llm, tokenizer, samples, methods, budgets, out: Path, options: dict, report_only: bool = False, keep_errors: bool = False, plots: bool = True, shard: tuple[int, int] | None = None) -> list[dict]:
+    """Run (unless report_only) and report: terminal tables, summary.md, and with ``plots`` score.png and recall.png; returns the reported rows.
+
+    With ``shard`` (i, n) only that shard runs; the shards are merged into results.jsonl and the
+    report is written once every shard's records are in (any shard, or --report-only, merges).
+    """
     from .evaluation import report
-    from .evaluation.runner import EvalConfig, Runner, latest_results, read_results
+    from .evaluation.runner import SHARDS, EvalConfig, Runner, latest_results, merge_shards, read_results
 
     config = EvalConfig(methods=methods, budgets=budgets, method_options=options)
     if not report_only:
-        runner = Runner(llm, tokenizer, config, out, keep_errors=keep_errors)
-        progress = _bar("eval", len(samples))
+        runner = Runner(llm, tokenizer, config, out, keep_errors=keep_errors, shard=shard)
+        mine = len(samples) if shard is None else len(range(shard[0], len(samples), shard[1]))
+        progress = _bar("eval" if shard is None else f"eval shard {shard[0]}/{shard[1]}", mine)
         with progress:
             runner.run(samples, on_sample=lambda i, n: progress.update(progress.task_ids[0], completed=i))
-    elif not (out / "results.jsonl").exists():
+    if shard is not None or (out / SHARDS).is_dir():
+        present, expected = merge_shards(out, samples, config)
+        if shard is not None and present < expected:
+            typer.echo(f"shard {shard[0]}/{shard[1]} done; {present} of {expected} records are in {out / 'results.jsonl'}: the report is written when every shard has finished (rerun any shard, or --report-only)")
+            return []
+    if report_only and not (out / "results.jsonl").exists():
         fail(f"{out} has no results.jsonl to report on")
     ids = {s.id for s in samples}
     keys = set(config.runs())
@@ -428,6 +438,7 @@ def evaluate(
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
     report_only: bool = typer.Option(False, "--report-only", help="Summarise what results.jsonl holds (samples every method finished); run nothing."),
     keep_errors: bool = typer.Option(False, "--keep-errors", help="On a rerun, keep the records that failed instead of retrying them."),
+    shard: Optional[str] = typer.Option(None, help="i/n: run only the samples whose index % n == i, into OUT/shards/ (one process or machine per shard, same --out; under torchrun: RANK/WORLD_SIZE). Shards resume; the report is written once every shard is in."),
 ):
     """Compare methods x budgets x tasks x lengths on the same prompts; resumable."""
     import torch
@@ -437,6 +448,7 @@ def evaluate(
 
     if threads:
         torch.set_num_threads(threads)
+    shard_pair = parse_shard(shard)
     method_list = parse_list(methods, "--methods")
     budget_list = parse_list(budgets, "--budgets", parse_budget)
     options = method_options(modules, draft)
@@ -444,7 +456,8 @@ def evaluate(
     if longbench_dir is not None and not longbench_dir.is_dir():
         fail(f"LongBench folder not found: {longbench_dir}")
     task_list = None if longbench else resolve_tasks(tasks)
-    llm, tokenizer = load_model(model)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if shard_pair is not None and "LOCAL_RANK" in os.environ and torch.cuda.is_available() else None
+    llm, tokenizer = load_model(model, **({"device": device} if device else {}))
     if longbench:
         from .evaluation.longbench import load_longbench
 
@@ -453,7 +466,20 @@ def evaluate(
         suite = make_suite(tokenizer, task_list, parse_list(lengths, "--lengths", int), samples, split="eval", seed=seed, per_group=per_group)
     if not report_only:
         check_methods_usable(llm, method_list, options)
-    run_eval(llm, tokenizer, suite, method_list, budget_list, out, options, report_only, keep_errors)
+    run_eval(llm, tokenizer, suite, method_list, budget_list, out, options, report_only, keep_errors, shard=shard_pair)
+
+
+def parse_shard(text: Optional[str]) -> tuple[int, int] | None:
+    """--shard i/n, or under torchrun (WORLD_SIZE > 1) the process's RANK/WORLD_SIZE; None for a single run."""
+    if text is None:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError):
+        fail(f"--shard takes i/n with 0 <= i < n (e.g. 0/4), got {text!r}")
+    return (index, count) if count > 1 else None
 
 
 DEMO_TASKS = "niah_single_number,niah_multikey,niah_multivalue,passage_qa"

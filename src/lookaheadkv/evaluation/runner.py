@@ -9,10 +9,17 @@ Every finished (sample, method, budget) is appended to
 ``results.jsonl`` at once (:mod:`lookaheadkv.records`: a line cut by a kill is repaired or
 dropped before the next append), so a killed run resumes where it stopped and recomputes
 nothing finished; rows that failed are retried on a rerun (``keep_errors`` keeps them).
+
+A run spreads over processes or machines by sharding: ``Runner(..., shard=(i, n))`` takes the
+samples whose index is ``i`` modulo ``n`` and appends to ``shards/results-i-of-n.jsonl`` (resumable
+as above); :func:`merge_shards` combines every shard's records (and any in ``results.jsonl``) into
+``results.jsonl`` in a single run's order, so the report is the same as a single run's.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -33,6 +40,7 @@ from ..tasks import Sample
 from .metrics import exact_match, score_sample, token_f1
 
 RESULTS = "results.jsonl"
+SHARDS = "shards"
 FULL = "full"
 
 
@@ -83,19 +91,62 @@ def latest_results(rows: list[dict]) -> list[dict]:
     return list(best.values())
 
 
+def shard_path(out: str | Path, index: int, count: int) -> Path:
+    """Where shard ``index`` of ``count`` appends its records."""
+    return Path(out) / SHARDS / f"results-{index}-of-{count}.jsonl"
+
+
+def check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    index, count = shard
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}: e.g. --shard 0/4 ... --shard 3/4")
+    return shard
+
+
+def merge_shards(out: str | Path, samples: list[Sample], config: EvalConfig) -> tuple[int, int]:
+    """Combine ``results.jsonl`` and every shard's records into ``results.jsonl``; returns (records present, records expected).
+
+    One row per (sample, method, budget) (:func:`latest_results`), ordered by sample, then
+    method and budget as :meth:`EvalConfig.runs` lists them; rows of other samples or runs are
+    kept after them. The file is replaced in one step (a concurrent reader sees the old or the
+    new file), so shards finishing at once may both merge. Shard files are left in place.
+    """
+    out = Path(out)
+    rows = read_results(out / RESULTS)
+    for path in sorted((out / SHARDS).glob("results-*-of-*.jsonl")):
+        repair(path)
+        rows += read_results(path)
+    latest = {(r["sample_id"], r["method"], r["budget"]): r for r in latest_results(rows)}
+    order = [(s.id, m, b) for s in samples for m, b in config.runs()]
+    merged = [latest.pop(key) for key in order if key in latest]
+    present = len(merged)
+    merged += list(latest.values())
+    tmp = out / f".{RESULTS}.{os.getpid()}.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in merged), encoding="utf-8")
+    os.replace(tmp, out / RESULTS)
+    return present, len(order)
+
+
 class Runner:
     """Evaluate ``config`` on ``samples`` with ``model``, writing into ``out``.
 
     A rerun skips every (sample, method, budget) already in ``results.jsonl`` except error rows,
     which are retried (the new row is appended after the old one) unless ``keep_errors``.
+    With ``shard=(i, n)`` only the samples whose index is ``i`` modulo ``n`` run, and their
+    records go to :func:`shard_path` (a killed shard resumes from it); :func:`merge_shards`
+    combines the shards.
     """
 
-    def __init__(self, model, tokenizer, config: EvalConfig, out: str | Path, keep_errors: bool = False):
+    def __init__(self, model, tokenizer, config: EvalConfig, out: str | Path, keep_errors: bool = False, shard: tuple[int, int] | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.keep_errors = keep_errors
+        self.shard = check_shard(shard)
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.path = self.out / RESULTS
+        self.path = self.out / RESULTS if self.shard is None else shard_path(self.out, *self.shard)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.eos = eos_ids(model, tokenizer)
         self.policies: dict[str, object] = {}
 
@@ -107,9 +158,15 @@ class Runner:
 
     def run(self, samples: list[Sample], on_sample: Callable[[int, int], None] | None = None) -> list[dict]:
         repair(self.path)  # a line cut by a kill: repaired or dropped (one warning), before anything is read or appended
-        done = {(r["sample_id"], r["method"], r["budget"]): r for r in latest_results(read_results(self.path))}
+        rows = read_results(self.path)
+        if self.shard is not None:  # what a single run (or an earlier merge) already holds counts as done too
+            rows = read_results(self.out / RESULTS) + rows
+        done = {(r["sample_id"], r["method"], r["budget"]): r for r in latest_results(rows)}
         if not self.keep_errors:  # retried below
             done = {key: r for key, r in done.items() if "error" not in r}
+        if self.shard is not None:
+            index, count = self.shard
+            samples = [s for i, s in enumerate(samples) if i % count == index]
         for i, sample in enumerate(samples):
             todo = [(m, b) for m, b in self.config.runs() if (sample.id, m, b) not in done]
             if todo:
