@@ -338,3 +338,36 @@ def test_smollm2_batch_of_four_equals_four_single_runs(smol):
         assert out.token_ids == alone.token_ids == until_eos(padded[i].tolist(), eos) and out.text == alone.text
         assert all(torch.equal(a, b) for a, b in zip(out.kept, alone.kept))
         assert all(torch.equal(a, b) for a, b in zip(ev.kept[i], alone.kept))
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_cli_answers_several_prompt_files_and_a_jsonl_at_once(smollm2, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lookaheadkv.cli import app
+
+    _, tokenizer = smollm2
+    folder = tmp_path / "model"
+    tiny_for_tokenizer(tokenizer, seed=6).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    texts = ["The mill stands by the river. " * n + "What stands by the river?" for n in (3, 6, 4)]
+    files = []
+    for i, text in enumerate(texts[:2]):
+        files.append(tmp_path / f"p{i}.txt")
+        files[-1].write_text(text)
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text(json.dumps({"prompt": texts[2]}) + "\n\n" + json.dumps(texts[0]) + "\n")
+    common = ["generate", "--model", str(folder), "--method", "snapkv", "--budget", "16", "--max-new-tokens", "6"]
+    result = CliRunner().invoke(app, [*common, "--prompt-file", str(files[0]), "--prompt-file", str(files[1]), "--prompt-file", str(jsonl)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    answers = [block.split(" ===\n", 1)[1].strip() for block in result.stdout.split("=== ")[1:]]
+    singles = [CliRunner().invoke(app, [*common, "--prompt", t]).stdout.strip() for t in (texts[0], texts[1], texts[2], texts[0])]
+    assert answers == singles and len(result.stderr.strip().splitlines()) >= 4
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\nnot json\n')
+    out = CliRunner().invoke(app, [*common, "--prompt-file", str(bad)])
+    assert out.exit_code == 2 and "bad.jsonl:2 is not JSON" in out.stderr

@@ -125,13 +125,44 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     return prompt
 
 
+def read_prompts(prompt: Optional[str], prompt_files: list[Path]) -> list[tuple[str, str]]:
+    """(label, text) of every prompt: --prompt, or each --prompt-file (a .jsonl file gives one prompt per line)."""
+    import json
+
+    if (prompt is None) == (not prompt_files):
+        fail("give exactly one of --prompt TEXT or --prompt-file FILE")
+    if prompt is not None:
+        return [("prompt", read_prompt(prompt, None))]
+    texts = []
+    for path in prompt_files:
+        if path.suffix != ".jsonl":
+            texts.append((str(path), read_prompt(None, path)))
+            continue
+        if not path.is_file():
+            fail(f"prompt file not found: {path}")
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError:
+                fail(f"{path}:{number} is not JSON: write one prompt per line, as a JSON string or {{\"prompt\": \"...\"}}")
+            text = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(text, str) or not text.strip():
+                fail(f"{path}:{number} holds no prompt: write a non-empty JSON string or {{\"prompt\": \"...\"}}")
+            texts.append((f"{path}:{number}", text))
+        if not any(label.startswith(f"{path}:") for label, _ in texts):
+            fail(f"{path} holds no prompts: write one prompt per line")
+    return texts
+
+
 @app.command()
 @friendly
 def generate(
     method: str = typer.Option("snapkv", help="Eviction method (see 'lookaheadkv methods')."),
     budget: str = typer.Option("128", help="KV entries kept per KV head and layer (128), or a decimal ratio of the prompt in (0, 1] (0.1; 1.0 = the whole prompt)."),
     prompt: Optional[str] = typer.Option(None, help="The prompt text."),
-    prompt_file: Optional[Path] = typer.Option(None, help="Read the prompt from this file."),
+    prompt_file: list[Path] = typer.Option([], help="Read the prompt from this file; give it several times, or a .jsonl file (one prompt per line: a JSON string or {\"prompt\": ...}), to answer several prompts at once (each evicted alone, decoded together)."),
     model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the bundled SmolLM2-135M-Instruct."),
     modules: Optional[str] = typer.Option(None, help="LookaheadKV modules folder or hub id (--method lookahead)."),
     draft: Optional[str] = typer.Option(None, help="SpecKV draft model, hub id or folder (--method speckv; default: the model itself)."),
@@ -148,12 +179,24 @@ def generate(
     from .engine.generate import generate as run
     from .models import load_model
 
-    text = read_prompt(prompt, prompt_file)
+    texts = read_prompts(prompt, prompt_file)
     if draft is not None and method != "speckv":
         fail("--draft only applies to --method speckv")
     policy = build_policy(method, parse_budget(budget), modules, draft)
     if decode_budget is not None and not policy.has_decode_scorer:
         fail(f"{method} has no decode-time scorer: {policy.no_decode_scorer}")
+    if len(texts) > 1:
+        if decode_budget is not None:
+            fail("--decode-budget answers one prompt at a time: give one --prompt-file (or --prompt)")
+        from .engine.batch import generate_batch
+
+        llm, tokenizer = load_model(model)
+        outs = generate_batch(llm, tokenizer, [t for _, t in texts], policy, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=not no_chat)
+        for (label, _), out in zip(texts, outs):
+            typer.echo(f"=== {label} ===\n{out.text}")
+            typer.echo(f"[{method} budget={budget}] {label}: {out.stats.line()}", err=True)
+        return
+    text = texts[0][1]
     llm, tokenizer = load_model(model)
     out = run(llm, tokenizer, text, policy, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=not no_chat, stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()), decode_budget=decode_budget, interval=interval, recent=recent)
     typer.echo("")
