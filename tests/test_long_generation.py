@@ -1,0 +1,68 @@
+"""benchmarks/long_generation.py end to end at a tiny shape, and the long-answer prompts of lookaheadkv.tasks.longgen."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from helpers import single_thread, tiny_for_tokenizer  # noqa: F401  (single_thread is an autouse fixture)
+from lookaheadkv.lookahead import LookaheadModules
+from lookaheadkv.records import read_records
+from lookaheadkv.tasks.longgen import LONG_TASKS, make_long_sample
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "long_generation.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmarks_long_generation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("task", LONG_TASKS)
+def test_long_prompts_fit_2k_tokens_and_are_checkable_where_promised(smollm2, task):
+    _, tokenizer = smollm2
+    sample = make_long_sample(task, tokenizer, 2048, seed=0, index=1)
+    assert abs(sample.n_tokens - 2048) <= 0.05 * 2048 and sample.split == "eval"
+    text = sample.messages[-1]["content"]
+    if task in ("long_extraction", "long_arithmetic"):
+        assert sample.metric == "all" and len(sample.answers) >= 24
+        if task == "long_extraction":
+            assert all(value in text for value in sample.answers)
+    else:
+        assert sample.metric == "fidelity" and sample.answers == []
+    assert make_long_sample(task, tokenizer, 2048, seed=0, index=1).prompt_ids == sample.prompt_ids  # deterministic
+
+
+def test_long_generation_script_at_a_tiny_shape(smollm2, tmp_path):
+    model_dir, modules_dir, out = tmp_path / "tiny", tmp_path / "modules", tmp_path / "out"
+    _, tokenizer = smollm2
+    model = tiny_for_tokenizer(tokenizer, seed=4, max_position_embeddings=2048)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    LookaheadModules.for_model(model, seed=1, n_lookahead=4).save_pretrained(modules_dir)
+    script = load_script()
+    argv = [
+        "--out", str(out), "--model", str(model_dir), "--modules", str(modules_dir), "--methods", "lookahead,h2o,tova",
+        "--decode-budgets", "24,48", "--prompts-per-task", "1", "--length", "1024", "--max-new-tokens", "40",
+        "--interval", "8", "--recent", "4",
+    ]  # fmt: skip
+    text = script.main(argv)
+    rows = read_records(out / "results.jsonl")
+    assert len(rows) == 4 * (1 + 3 * 2)
+    for row in rows:
+        if row["method"] == "full":
+            assert row["entries"][-1] == row["prompt_tokens"] + row["new_tokens"] - 1
+            continue
+        assert 0 <= row["f1"] <= 1 and 0 <= row["rouge_l"] <= 1
+        assert max(row["entries"]) <= row["decode_budget"] + 8 and row["entries"][0] <= row["decode_budget"]
+        if row["new_tokens"] == 40:
+            assert row["rescorings"] and all(s > 0 and i > 0 for _, s, i in row["rescorings"])
+        assert (row["task_score"] is None) == (row["task"] not in ("long_extraction", "long_arithmetic"))
+    assert "| lookahead | 24 | 4 |" in text and "share of the interval's decoding" in text
+    assert (out / "memory.png").stat().st_size > 0 and (out / "report.md").read_text() == text
+    script.main(argv)  # resumes: nothing left to do
+    assert len(read_records(out / "results.jsonl")) == len(rows)
