@@ -100,17 +100,8 @@ class _Evicting:
         self.original = model.forward
         self.signature = inspect.signature(self.original)
         self.busy = False
-        self.selections: list[Selection] = []
-
-    @property
-    def kept(self) -> list[list[torch.Tensor] | None]:
-        """Per row of the last prompt: per layer (kv_heads, k) kept positions (None: everything was kept)."""
-        return [s.kept for s in self.selections]
-
-    @property
-    def stats(self):
-        """Per row of the last prompt: its :class:`~lookaheadkv.engine.Stats` (prefill and eviction)."""
-        return [s.stats for s in self.selections]
+        self.kept: list[list[torch.Tensor] | None] = []  # per row of the last prompt: per layer (kv_heads, k) kept positions; None: all
+        self.stats: list = []  # per row of the last prompt: its engine Stats (prefill and eviction)
 
     def forward(self, *args, **kwargs):
         if self.busy:  # the engine's own calls (prefill, a policy's extend or draft) reach the model itself
@@ -144,9 +135,10 @@ class _Evicting:
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
             raise ValueError("evicting() takes a 2-D attention_mask (batch, L), as the tokenizer returns it: pass that one")
         rows = split_rows(input_ids, attention_mask)
-        self.selections = [select_kv(self.model, row, self.policy) for row in rows]
-        logits = torch.stack([s.logits for s in self.selections])[:, None, :]  # (batch, 1, vocab): the last prompt position
-        return CausalLMOutputWithPast(logits=logits, cache=EvictedCache(self.selections, input_ids.shape[1]))
+        selections = [select_kv(self.model, row, self.policy) for row in rows]
+        self.kept, self.stats = [s.kept for s in selections], [s.stats for s in selections]
+        logits = torch.stack([s.logits for s in selections])[:, None, :]  # (batch, 1, vocab): the last prompt position
+        return CausalLMOutputWithPast(logits=logits, cache=EvictedCache(selections, input_ids.shape[1]))
 
     def _step(self, cache: EvictedCache, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kw):
         tokens = input_ids if input_ids is not None else inputs_embeds
@@ -230,6 +222,8 @@ class EvictionPipeline:
         tok = self.tokenizer
         if self.chat and getattr(tok, "chat_template", None):
             text = tok.apply_chat_template([{"role": "user", "content": f"{context}\n\n{question}"}], add_generation_prompt=True, tokenize=False)
+            if context not in text:
+                raise ValueError("the chat template changes the context's text (e.g. strips it): pass it stripped, or use pipeline(..., chat=False)")
             cut = text.index(context) + len(context)
             return tok(text[:cut], add_special_tokens=False)["input_ids"], tok(text[cut:], add_special_tokens=False)["input_ids"]
         return tok(context)["input_ids"], tok(f"\n\n{question}", add_special_tokens=False)["input_ids"]
