@@ -282,3 +282,27 @@ def test_bf16_labels_and_loss_are_close_to_fp32(model_and_records):
     assert abs(lb.item() - la.item()) <= 0.02 * la.item(), (la.item(), lb.item())
     lb.backward()
     assert modules.tokens.grad.dtype == torch.float32 and torch.isfinite(modules.tokens.grad).all()
+
+
+def test_init_from_saved_modules_starts_there_with_a_fresh_optimizer(data_dir, tmp_path, model_and_records):
+    model, _ = model_and_records
+    first = train(model, cfg(data_dir, tmp_path / "a", steps=2), progress=False)
+    second = tmp_path / "b"
+    calls = []
+    real = train_module.sample_loss
+
+    def spy(m, mods, item):
+        if not calls:  # the first loss is computed with the modules given to --init
+            for k, v in first.state_dict().items():
+                assert torch.equal(mods.state_dict()[k], v), k
+        calls.append(1)
+        return real(m, mods, item)
+
+    train_module.sample_loss = spy
+    try:
+        train(model, cfg(data_dir, second, steps=2, init=str(tmp_path / "a" / "final")), progress=False)
+    finally:
+        train_module.sample_loss = real
+    assert len(calls) == 4  # steps 1 and 2 of a new run, batch 2
+    with pytest.raises(FileNotFoundError, match="neither a training checkpoint"):
+        train(model, cfg(data_dir, tmp_path / "c", steps=1, init=str(tmp_path)), progress=False)

@@ -332,7 +332,7 @@ def train(
     save_every: int = typer.Option(25, min=1),
     seed: int = typer.Option(0),
     dtype: Optional[str] = typer.Option(None, help="Base model dtype: bfloat16 on GPUs and on CPUs with AVX-512 BF16 (the modules and Adam stay float32; the loss is float32); default: the checkpoint's dtype."),
-    init: Optional[Path] = typer.Option(None, help="Start from this checkpoint folder when --out holds none (carry a run on on another machine)."),
+    init: Optional[Path] = typer.Option(None, help="When --out holds no checkpoint: a checkpoint folder to carry on (another machine's run), or saved modules to start from (fresh optimizer, step 0)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
 ):
     """Train lookahead modules on a built data folder (runs under torchrun / accelerate launch too)."""

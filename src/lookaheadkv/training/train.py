@@ -58,7 +58,7 @@ class TrainConfig:
     eval_samples: int = 16
     save_every: int = 25
     budgets: list[int] = field(default_factory=lambda: [64, 128, 256])
-    init: str | None = None  # a checkpoint folder to start from when ``out`` holds none (another machine's run)
+    init: str | None = None  # when ``out`` holds no checkpoint: a checkpoint folder to carry on, or saved modules to start from
 
     def __post_init__(self):
         if self.steps < 1 or self.batch < 1 or self.lr <= 0:
@@ -164,13 +164,22 @@ def train(model, cfg: TrainConfig, *, progress: bool = True) -> LookaheadModules
 
     # a crash between save_checkpoint's two renames leaves only the previous checkpoint, as ".old"
     resume = checkpoint if checkpoint.exists() else checkpoint.with_name(checkpoint.name + ".old")
+    warm = None
     if not resume.exists() and cfg.init is not None:
-        resume = Path(cfg.init)
-        if not (resume / "state.json").exists():
-            raise FileNotFoundError(f"--init {resume} is not a training checkpoint (no state.json): give a run's checkpoint folder")
+        init = Path(cfg.init)
+        if (init / "state.json").exists():
+            resume = init  # another machine's checkpoint: its modules, optimizer and step
+        elif (init / "config.json").exists():
+            warm = init  # saved modules (e.g. the shipped ones): start from them with a fresh optimizer at step 0
+        else:
+            raise FileNotFoundError(f"--init {init} is neither a training checkpoint (state.json) nor saved modules (config.json)")
     if resume.exists():
         modules, optimizer, start = load_checkpoint(resume, model, make_optimizer)
         _check_same_shape(modules, cfg, resume)
+    elif warm is not None:
+        modules = LookaheadModules.from_pretrained(warm, device=model.device)
+        _check_same_shape(modules, cfg, warm)
+        optimizer, start = make_optimizer(modules), 0
     else:
         torch.manual_seed(cfg.seed)
         modules = LookaheadModules.for_model(model, seed=cfg.seed, n_lookahead=cfg.n_lookahead, rank=cfg.rank, alpha=cfg.alpha)
