@@ -344,5 +344,21 @@ def environment(model_name: str, model) -> dict:
         "machine": machine(),
         "python": platform.python_version(),
         "command": command_line(),
+        "commit": commit(),
         "lookahead_modules": modules_label(model),
     }
+
+
+def commit() -> str | None:
+    """The checkout's commit (with "+changes" when tracked files differ from it), or None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
