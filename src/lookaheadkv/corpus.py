@@ -7,7 +7,7 @@ Three corpora, none downloaded:
 - **Package prose**: the long descriptions (README text) inside the installed packages'
   ``*.dist-info/METADATA``. A package's prose is *held out* iff the first byte of
   ``sha256(name)`` is divisible by 3 (:func:`is_heldout_package`); the held-out part is the
-  haystack of the generalisation set (:mod:`lookaheadkv.evaluation.tasks.heldout`) and never
+  haystack of the generalisation set (:mod:`lookaheadkv.tasks.heldout`) and never
   enters training; the rest is training material.
 - **Reserved**: Python's own documentation text (the ``pydoc_data`` package). It is kept for
   independent checks: nothing in this library reads it, and :func:`assert_not_reserved`

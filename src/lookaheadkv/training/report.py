@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..records import read_records
 
 
 def read_log(run: str | Path) -> list[dict]:
-    path = Path(run) / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The run's log records (a line cut by a kill is skipped, with a warning)."""
+    return read_records(Path(run) / "log.jsonl")
 
 
 def plot_log(run: str | Path, out: str | Path | None = None) -> Path:
