@@ -81,6 +81,18 @@ def hf_prefill(model, input_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tens
     return out.cache, out.logits[0, -1]
 
 
+@torch.no_grad()
+def hf_greedy_tokens(model, input_ids: torch.Tensor, n: int) -> list[int]:
+    """Plain Hugging Face greedy decoding of ``n`` tokens (its own attention and cache, no EOS stop)."""
+    out = model(input_ids=input_ids, use_cache=True)
+    cache, tokens = out.cache, [int(out.logits[0, -1].argmax())]
+    for _ in range(n - 1):
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True)
+        cache = out.cache
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
 # ----------------------------------------------------------------------------- reference attention
 
 

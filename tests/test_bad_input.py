@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import random_ids, single_thread, tiny_for_tokenizer  # noqa: F401  (autouse fixture)
+from helpers import hf_greedy_tokens, random_ids, single_thread, tiny_for_tokenizer  # noqa: F401  (autouse fixture)
 from lookaheadkv.cli import app
 from lookaheadkv.engine.evict import parse_budget
 from lookaheadkv.engine.generate import generate, generate_ids
@@ -60,18 +60,6 @@ def tiny_folder(tmp_path_factory, smollm2):
 # ----------------------------------------------------------------------------- 1. short prompts
 
 
-@torch.no_grad()
-def hf_greedy(model, ids, n):
-    """Plain Hugging Face greedy decoding (its own attention and cache, no eos stop)."""
-    out = model(input_ids=ids, use_cache=True)
-    cache, tokens = out.cache, [int(out.logits[0, -1].argmax())]
-    for _ in range(n - 1):
-        out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True)
-        cache = out.cache
-        tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens
-
-
 SHORT_OPTIONS = {"laq": {"n_draft": 3}, "speckv": {"n_draft": 3}, "oracle": {"max_new_tokens": 3}}
 
 
@@ -83,7 +71,7 @@ def test_every_policy_runs_on_prompts_of_1_to_40_tokens(name):
     layers = model.config.num_hidden_layers
     for length in range(1, 41):
         ids = random_ids(length, seed=length)
-        expected = hf_greedy(model, ids, 3)
+        expected = hf_greedy_tokens(model, ids, 3)
         for budget in (length, length + 5, 1.0, 4):
             options = dict(SHORT_OPTIONS.get(name, {}), budget=budget)
             if modules is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import clone_cache, evicted_masks, hf_prefill, kv, random_ids, randomize_lora_b, reference_mode, single_thread  # noqa: F401
+from helpers import clone_cache, evicted_masks, hf_greedy_tokens, hf_prefill, kv, random_ids, randomize_lora_b, reference_mode, single_thread  # noqa: F401
 from lookaheadkv.engine.decode import decode
 from lookaheadkv.engine.generate import compress, generate_ids, run_prefill
 from lookaheadkv.engine.prefill import prefill
@@ -169,18 +169,6 @@ def test_runner_refuses_sequences_past_the_sliding_window(smollm2, tmp_path):
 # ----------------------------------------------------------------------------- SpecKV
 
 
-def greedy_reference(model, ids, n):
-    """Hugging Face's own greedy decoding of ``model`` (no engine)."""
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-        cache, tokens = out.cache, [int(out.logits[0, -1].argmax())]
-        for _ in range(n - 1):
-            out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True)
-            cache = out.cache
-            tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens
-
-
 def test_speckv_drafts_with_the_distinct_draft_model():
     target = tiny_model("llama", seed=1)
     draft = tiny_model("llama", seed=9, num_hidden_layers=2)
@@ -188,9 +176,9 @@ def test_speckv_drafts_with_the_distinct_draft_model():
     policy = SpecKV(budget=16, draft=draft, n_draft=6)
     state = prefill(target, ids, [policy.observer()])
     drafted = policy.draft_tokens(target, state)
-    assert drafted == greedy_reference(draft, ids, 6)  # the draft model's own answer...
-    assert drafted != greedy_reference(target, ids, 6)  # ...not the target's (the self-draft)
-    assert SpecKV(budget=16, draft=None, n_draft=6).draft_tokens(target, state) == greedy_reference(target, ids, 6)
+    assert drafted == hf_greedy_tokens(draft, ids, 6)  # the draft model's own answer...
+    assert drafted != hf_greedy_tokens(target, ids, 6)  # ...not the target's (the self-draft)
+    assert SpecKV(budget=16, draft=None, n_draft=6).draft_tokens(target, state) == hf_greedy_tokens(target, ids, 6)
     assert policy.label.startswith("SpecKV (draft: ") and SpecKV(budget=8).label == SELF_DRAFT_LABEL
     tokens, stats, kept = generate_ids(target, ids, policy, max_new_tokens=3)
     assert stats.kept_per_layer == [16] * LAYERS

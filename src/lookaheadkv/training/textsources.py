@@ -77,9 +77,20 @@ class _LazyCode:
         return name, corpus.read_source(corpus.stdlib_root() / name)
 
 
-def _essay_docs() -> list[tuple[str, str]]:
+@functools.lru_cache(maxsize=1)
+def _essay_docs() -> tuple[tuple[str, str], ...]:
     text = "".join(_train_pieces())
-    return [(f"essay {i}", p.strip()) for i, p in enumerate(text.split("\n\n")) if p.strip()]
+    return tuple((f"essay {i}", p.strip()) for i, p in enumerate(text.split("\n\n")) if p.strip())
+
+
+MATERIALS = ("essays", "code", "docs")
+
+
+def _material(name: str):
+    """The training texts of one kind, indexable as (name, text): essays, stdlib code or package prose."""
+    if name == "code":
+        return _LazyCode()
+    return _essay_docs() if name == "essays" else corpus.training_prose()
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,7 +176,7 @@ def docs_prompts(tokenizer, n: int, lengths: tuple[int, int], seed: int = 0) -> 
 
 
 def _docs_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) -> Prompt:
-    docs = list(corpus.training_prose())
+    docs = corpus.training_prose()
     target = draw_length(rng, lengths)
     first, offset, where = int(rng.integers(len(docs))), float(rng.random()) * 0.3, float(rng.random())
     template = _pick(rng, _DOC_TASKS)
@@ -246,8 +257,8 @@ def retrieval_prompts(tokenizer, n: int, lengths: tuple[int, int], seed: int = 0
 
 def _retrieval_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) -> Prompt:
     target = draw_length(rng, lengths)
-    filler = _pick(rng, ("essays", "code", "docs"))
-    docs = {"essays": _essay_docs, "code": _LazyCode, "docs": lambda: list(corpus.training_prose())}[filler]()
+    filler = _pick(rng, MATERIALS)
+    docs = _material(filler)
     first, offset = int(rng.integers(len(docs))), float(rng.random())
     n_needles = int(rng.integers(1, 6))
     n_asked = int(rng.integers(1, min(3, n_needles) + 1))
@@ -296,8 +307,8 @@ def chat_prompts(tokenizer, n: int, lengths: tuple[int, int], seed: int = 0) -> 
 
 def _chat_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) -> Prompt:
     target = draw_length(rng, lengths)
-    material = _pick(rng, ("essays", "code", "docs"))
-    docs = {"essays": _essay_docs, "code": _LazyCode, "docs": lambda: list(corpus.training_prose())}[material]()
+    material = _pick(rng, MATERIALS)
+    docs = _material(material)
     first, offset, where = int(rng.integers(len(docs))), float(rng.random()), float(rng.random())
     first_ask, follow_up = _pick(rng, _FIRST_ASKS), _pick(rng, _FOLLOW_UPS)
     turns = int(rng.integers(2, 4))
