@@ -146,3 +146,22 @@ def test_heldout_scoring_needs_the_whole_value(tokenizer):
     words = motto.split()
     assert score_sample(sample, f'The motto reads "{motto}".')["score"] == 1.0
     assert score_sample(sample, f'The motto reads "{" ".join(words[:2])}".')["score"] == 0.0
+
+
+def test_heldout_haystack_is_running_prose_only():
+    from lookaheadkv.tasks.heldout import plain_paragraphs
+
+    readme = "\n\n".join([
+        "# Title",
+        '<p align="center"><img src="x.svg"></p>',
+        "```python\nimport thing\nthing.run()  # a long enough line of code that is not prose at all.\n```",
+        "| a | b |\n|---|---|",
+        "- a list item that goes on for a while but is still only a list item in the end.",
+        "The **library** reads [the manual](https://example.org/manual) and `parses` every page it is given, "
+        "then it writes a summary of what it found to the console for the user to read.",
+        "Short line.",
+    ])
+    assert plain_paragraphs(readme) == [
+        "The library reads the manual and parses every page it is given, "
+        "then it writes a summary of what it found to the console for the user to read."
+    ]

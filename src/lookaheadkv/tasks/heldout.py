@@ -8,8 +8,7 @@ what a new user would try instead:
   which no training source reads;
 - the needle sentences and questions below appear in no training source (tested against
   every offline training source);
-- the values are multi-token (reference codes, four-to-six-word mottos, platform and time
-  pairs), and a prediction scores only if it holds the *whole* value: a scorer that keeps
+- the values are multi-token (reference codes, four-to-six-word mottos, hyphenated passwords), and a prediction scores only if it holds the *whole* value: a scorer that keeps
   the first tokens of a needle and loses the rest fails here, as the issue that built this
   set observed.
 
@@ -33,13 +32,14 @@ MACHINES = (
     "grain dryer", "paint booth", "lift pump", "cooling tower",
 )  # fmt: skip
 PLACES = ("library", "chapel", "observatory", "guild hall", "lighthouse", "old mill", "courthouse", "granary", "boathouse", "museum")
-TRAVELLERS = ("Odile", "Tomasz", "Priya", "Keanu", "Marguerite", "Olusegun", "Svea", "Haruto", "Beatriz", "Lorcan")
 MOTTO_WORDS = (
     "patience", "harvest", "lantern", "quiet", "courage", "river", "stone", "morning", "honest",
     "labour", "steady", "bright", "humble", "winter", "garden", "thread", "anchor", "kindness",
     "measure", "return", "silver", "open", "gate", "ember", "careful", "north", "song", "bread",
 )  # fmt: skip
 CODE_LETTERS = "BCDFGHJKLMNPQRSTVWXZ"
+ROOMS = ("east storeroom", "print archive", "tool cage", "seed vault", "map room", "wine cellar", "radio hut", "boat shed", "coal bunker", "records office")
+PASSWORD_WORDS = ("copper", "heron", "lantern", "juniper", "saltmarsh", "quarry", "foxglove", "tannery", "ferrier", "rookwood", "millbrook", "alder", "pebble", "thistle")
 
 # The fixed wording of every template below: no training prompt may contain any of these.
 TEMPLATE_PHRASES = (
@@ -48,8 +48,9 @@ TEMPLATE_PHRASES = (
     "Under which reference was the replacement part for the",
     "Archive entry: the motto engraved above the",
     "What motto is engraved above the",
-    "connecting train leaves from platform",
-    "From which platform and at what time does",
+    "Security notice: the password for the",
+    "What is the password for the",
+    "Question to answer afterwards:",
     "The following pages come from software manuals",
 )
 
@@ -63,19 +64,44 @@ def _motto(rng: random.Random) -> str:
     return " ".join(rng.sample(MOTTO_WORDS, rng.randint(4, 6))).capitalize()
 
 
-def _time(rng: random.Random) -> str:
-    return f"{rng.randint(5, 22):02d}:{rng.choice((5, 10, 20, 25, 35, 40, 50, 55)):02d}"
+_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")  # [text](url) -> text; images vanish with their alt text
+_MARKUP = re.compile(r"<[^>]+>|\*\*|__|`")
+_URL = re.compile(r"https?://\S+")
+
+
+def plain_paragraphs(text: str) -> list[str]:
+    """The running-prose paragraphs of a README: code blocks, headings, tables, lists, quotes and
+    badges dropped, inline markup and links reduced to their words. A 135M model reads prose the
+    way it reads the suite's essays; README markup (code, badges, tables) distracts it so much
+    that it no longer answers at all, even with the whole cache, which would leave nothing to
+    measure an eviction by."""
+    out, fenced = [], False
+    for block in re.split(r"\n\s*\n", text):
+        lines = [line.strip() for line in block.strip().splitlines()]
+        if any(line.startswith("```") for line in lines):
+            fenced ^= sum(line.startswith("```") for line in lines) % 2 == 1
+            continue
+        if fenced or not lines or lines[0][:1] in "#>|-*+=<[!:." or lines[0][:2].rstrip(".").isdigit():
+            continue
+        para = _URL.sub("", _MARKUP.sub("", _LINK.sub(r"\1", " ".join(lines))))
+        para = re.sub(r"\s+", " ", para).strip()
+        words = para.split()
+        if len(para) < 120 or not para.endswith((".", ":")) or sum(w.isalpha() for w in words) < 0.6 * len(words):
+            continue
+        out.append(para)
+    return out
 
 
 def _manual_words(rng: random.Random) -> list[str]:
-    """The held-out package prose in a random order, as whitespace-separated words with their separators."""
+    """The held-out package prose (its running-prose paragraphs, :func:`plain_paragraphs`) in a
+    random order, as whitespace-separated words with their separators."""
     from lookaheadkv.corpus import heldout_prose
 
-    texts = [text for _, text in heldout_prose()]
-    if not texts:
+    paragraphs = [p for _, text in heldout_prose() for p in plain_paragraphs(text)]
+    if not paragraphs:
         raise ValueError("no held-out package prose is installed: build the venv with 'make venv'")
-    rng.shuffle(texts)
-    return re.split(r"(\s+)", "\n\n".join(texts))
+    rng.shuffle(paragraphs)
+    return re.split(r"(\s+)", "\n\n".join(paragraphs))
 
 
 def _renderer(rng: random.Random, inserts: list[tuple[float, str]]):
@@ -91,6 +117,13 @@ def _renderer(rng: random.Random, inserts: list[tuple[float, str]]):
 _PREAMBLE = "The following pages come from software manuals. One or more notes are hidden among them; read carefully."
 
 
+def _preamble(question: str) -> str:
+    """The preamble names the question before the pages too (RULER's query-first variant): a
+    135M model answers the question it was told to look for, and a scorer still has to find
+    the one note that answers it among the pages."""
+    return f"{_PREAMBLE} Question to answer afterwards: {question}"
+
+
 def _reference(rng: random.Random, target: int, n_needles: int) -> Draft:
     machines = rng.sample(MACHINES, n_needles)
     codes = [_code(rng) for _ in machines]
@@ -98,7 +131,7 @@ def _reference(rng: random.Random, target: int, n_needles: int) -> Draft:
     asked = rng.randrange(n_needles)
     render, size = _renderer(rng, inserts)
     question = f"Under which reference was the replacement part for the {machines[asked]} ordered? Reply with the reference only."
-    return Draft(_PREAMBLE, question, [codes[asked]], render, size)
+    return Draft(_preamble(question), question, [codes[asked]], render, size)
 
 
 def heldout_reference(rng, pools, target):
@@ -106,31 +139,31 @@ def heldout_reference(rng, pools, target):
 
 
 def heldout_multi_reference(rng, pools, target):
-    return _reference(rng, target, 3)
+    return _reference(rng, target, 2)
 
 
 def heldout_motto(rng, pools, target):
-    places = rng.sample(PLACES, 2)
-    mottos = [_motto(rng) for _ in places]
-    inserts = [(rng.random(), f'Archive entry: the motto engraved above the {p} door reads "{m}".') for p, m in zip(places, mottos)]
+    place = rng.choice(PLACES)
+    motto = _motto(rng)
+    inserts = [(rng.random(), f'Archive entry: the motto engraved above the {place} door reads "{motto}".')]
     render, size = _renderer(rng, inserts)
-    question = f"What motto is engraved above the {places[0]} door? Quote it exactly."
-    return Draft(_PREAMBLE, question, [mottos[0]], render, size)
+    question = f"What motto is engraved above the {place} door? Quote it exactly."
+    return Draft(_preamble(question), question, [motto], render, size)
 
 
-def heldout_train(rng, pools, target):
-    person = rng.choice(TRAVELLERS)
-    platform, time = f"{rng.randint(2, 19)}{rng.choice('ABC')}", _time(rng)
-    inserts = [(rng.random(), f"{person}'s connecting train leaves from platform {platform} at {time}.")]
+def heldout_password(rng, pools, target):
+    room = rng.choice(ROOMS)
+    password = "-".join(rng.sample(PASSWORD_WORDS, 3)) + f"-{rng.randint(10, 99)}"
+    inserts = [(rng.random(), f"Security notice: the password for the {room} is {password}.")]
     render, size = _renderer(rng, inserts)
-    question = f"From which platform and at what time does {person}'s connecting train leave? Answer briefly."
-    return Draft(_PREAMBLE, question, [platform, time], render, size)
+    question = f"What is the password for the {room}? Reply with the password only."
+    return Draft(_preamble(question), question, [password], render, size)
 
 
 HELDOUT_TASKS: dict[str, TaskSpec] = {
     "heldout_reference": TaskSpec("heldout_reference", GROUP, "all", 32, heldout_reference),
     "heldout_multi_reference": TaskSpec("heldout_multi_reference", GROUP, "all", 32, heldout_multi_reference),
     "heldout_motto": TaskSpec("heldout_motto", GROUP, "all", 48, heldout_motto),
-    "heldout_train": TaskSpec("heldout_train", GROUP, "all", 48, heldout_train),
+    "heldout_password": TaskSpec("heldout_password", GROUP, "all", 32, heldout_password),
 }
 """Held-out generalisation tasks (report group ``heldout``); eval split only."""
