@@ -171,3 +171,34 @@ def test_summary_does_not_depend_on_the_order_of_the_rows():
     shuffled = rows[:]
     rng.shuffle(shuffled)
     assert report.summarise(shuffled, n_boot=200) == report.summarise(rows, n_boot=200)
+
+
+def test_a_method_variant_runs_as_the_policy_built_with_its_options(setup, tmp_path):
+    """``lookahead:kernel=5`` is recorded under that name and decodes what LookaheadKV(kernel=5) gives alone."""
+    from lookaheadkv.engine.generate import eos_ids, generate_ids
+    from lookaheadkv.policies import LookaheadKV, SnapKV
+
+    model, tokenizer, suite, options = setup
+    methods = ["full", "lookahead", "lookahead:kernel=5", "snapkv:window=4:kernel=1"]
+    rows = Runner(model, tokenizer, EvalConfig(methods, [16], options), tmp_path).run(suite[:2])
+    assert not any("error" in r for r in rows)
+    by_key = {(r["sample_id"], r["method"]): r for r in rows}
+    eos = eos_ids(model, tokenizer)
+    references = {
+        "lookahead:kernel=5": LookaheadKV(budget=16, modules=options["lookahead"]["modules"], kernel=5),
+        "snapkv:window=4:kernel=1": SnapKV(budget=16, window=4, kernel=1),
+    }
+    for sample in suite[:2]:
+        for name, policy in references.items():
+            tokens, _, _ = generate_ids(model, torch.tensor([sample.prompt_ids]), policy, max_new_tokens=sample.max_new_tokens, eos_token_ids=eos)
+            assert by_key[(sample.id, name)]["prediction"] == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_method_options_are_checked():
+    from lookaheadkv.policies import make_policy, split_method
+
+    assert split_method("lookahead:kernel=7:window=16:fused=false") == ("lookahead", {"kernel": 7, "window": 16, "fused": False})
+    assert make_policy("snapkv:kernel=3", budget=8).kernel == 3
+    for bad, match in (("lookahead:kernal=7", "key one of"), ("snapkv:kernel=x", "whole number"), ("lookahead:fused=2", "true or false"), ("nope:kernel=1", "unknown method")):
+        with pytest.raises(ValueError, match=match):
+            EvalConfig(["full", bad], [64])

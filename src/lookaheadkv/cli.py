@@ -99,13 +99,15 @@ def check_modules_arg(modules: str) -> str:
 
 
 def build_policy(method: str, budget: int | float, modules: Optional[str] = None, draft: Optional[str] = None, **extra):
-    from .policies import REGISTRY, make_policy
+    from .policies import make_policy, split_method
 
-    if method not in REGISTRY:
-        fail(f"unknown method {method!r}; choose from: {', '.join(sorted(REGISTRY))}")
+    try:
+        base, _ = split_method(method)
+    except ValueError as err:
+        fail(str(err))
     kwargs = dict(budget=budget, **extra)
     if modules is not None:
-        if method != "lookahead":
+        if base != "lookahead":
             fail("--modules only applies to --method lookahead")
         kwargs["modules"] = check_modules_arg(modules)
     if draft is not None:
@@ -440,13 +442,14 @@ def failed_methods(rows: list[dict]) -> list[tuple[str, int, str]]:
 
 def check_methods_usable(llm, methods: list[str], options: dict) -> None:
     """Load what a method needs before any sample runs (LookaheadKV's modules, SpecKV's draft)."""
-    from .policies import make_policy
+    from .policies import make_policy, split_method
 
-    if "lookahead" in methods:
+    bases = {split_method(m)[0] for m in methods}
+    if "lookahead" in bases:
         policy = make_policy("lookahead", **options.get("lookahead", {}))
         policy.resolve(llm).check_fits(llm)
         options.setdefault("lookahead", {})["modules"] = policy.modules  # loaded once, shared by the run
-    if "speckv" in methods and "draft" in options.get("speckv", {}):
+    if "speckv" in bases and "draft" in options.get("speckv", {}):
         policy = make_policy("speckv", **options["speckv"])
         options["speckv"]["draft"] = policy.draft_model(llm)  # loaded once, shared by the run
 
@@ -466,7 +469,7 @@ def method_options(modules: Optional[str], draft: Optional[str]) -> dict:
 def evaluate(
     out: Path = typer.Option(..., help="Run folder: results.jsonl (rerun to resume), summary.md, plots."),
     model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the bundled SmolLM2."),
-    methods: str = typer.Option("full,snapkv,pyramidkv,streamingllm,h2o,tova,lookahead", help="Comma-separated methods."),
+    methods: str = typer.Option("full,snapkv,pyramidkv,streamingllm,h2o,tova,lookahead", help="Comma-separated methods; a variant takes options after colons (lookahead:kernel=7:window=16), recorded under that name."),
     budgets: str = typer.Option("64,128,256", help="Comma-separated KV budgets per head: entries (128) or ratios of the prompt (0.1; 1.0 = all)."),
     tasks: str = typer.Option("all", help="Task names or groups (niah, multi_niah, tracking, aggregation, qa), all (the suite), or heldout (the generalisation set)."),
     lengths: str = typer.Option("2048", help="Prompt lengths in tokens."),

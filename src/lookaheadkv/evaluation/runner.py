@@ -33,7 +33,7 @@ from ..engine.cache import crop, gather
 from ..engine.decode import decode, decode_batch
 from ..engine.evict import parse_budget
 from ..engine.generate import eos_ids
-from ..policies import REGISTRY, SharedPrefill, make_policy
+from ..policies import SharedPrefill, make_policy, split_method
 from ..records import append_record, read_records, repair
 from ..scoring import attention_recall, ground_truth
 from ..tasks import Sample
@@ -48,15 +48,14 @@ FULL = "full"
 class EvalConfig:
     """What to run: methods (registry names) x budgets over a list of samples."""
 
-    methods: list[str]
+    methods: list[str]  # registry names or specs with options ("lookahead:kernel=7", policies.split_method)
     budgets: list[int | float]
     method_options: dict[str, dict] = field(default_factory=dict)  # e.g. {"lookahead": {"modules": PATH}}
     batch_decode: bool = True  # decode each budget's evictions as one batch (engine.decode.decode_batch)
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in REGISTRY]
-        if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(sorted(REGISTRY))}")
+        for method in self.methods:
+            split_method(method)  # an unknown name or option: a one-line ValueError
         if not self.budgets:
             raise ValueError("budgets is empty: give at least one budget")
         try:  # entries (int) or ratios of the prompt (float), as generate reads them
@@ -153,7 +152,7 @@ class Runner:
     def policy(self, method: str):
         """The method's policy, built once per run (at the first budget; other budgets are copies made by SharedPrefill)."""
         if method not in self.policies:
-            self.policies[method] = make_policy(method, budget=self.config.budgets[0], **self.config.method_options.get(method, {}))
+            self.policies[method] = make_policy(method, budget=self.config.budgets[0], **self.config.method_options.get(split_method(method)[0], {}))
         return self.policies[method]
 
     def run(self, samples: list[Sample], on_sample: Callable[[int, int], None] | None = None) -> list[dict]:
@@ -232,7 +231,7 @@ class Runner:
             share = (time.perf_counter() - start) / len(items)
             for (method, budget, kept, seconds), tokens in zip(items, outputs):
                 row = self.row(sample, method, budget, tokens, kept, truth, seconds + share, reference)
-                if method == "speckv":  # None: self-draft (the target's own answer, an upper bound)
+                if split_method(method)[0] == "speckv":  # None: self-draft (the target's own answer, an upper bound)
                     row["draft"] = self.policies[method].draft_name
                 self.append(row)
                 yield row
