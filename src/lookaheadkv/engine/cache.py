@@ -28,40 +28,122 @@ class ReservedLayer(DynamicLayer):
     """A cache layer with room reserved for ``room`` more entries.
 
     A ``DynamicLayer`` concatenates every new entry onto a fresh copy of the whole layer, so a
-    decoding step over a batch of long caches copies all of them (gigabytes per step for 32
-    prompts of 4K tokens). This layer writes the new entries into the reserved slots and hands
-    out views of the filled part; it grows by doubling only if the room runs out.
+    decoding step copies every layer of the cache (gigabytes per step for a batch of 32 prompts of
+    4K tokens, tens of megabytes for one). This layer writes the new entries into the reserved
+    slots and hands out views of the filled part; it grows by its room again (or to fit) if the
+    room runs out.
+
+    ``keys`` and ``values`` may be assigned as on a ``DynamicLayer`` (the engine's crops and
+    re-scorings do): a prefix view of the layer's own storage (``layer.keys[..., :n, :]``) is a
+    crop, which only shortens the filled part (the next entries then overwrite the cropped ones:
+    a view taken before the crop and longer than it sees them); any other tensor is copied into
+    fresh storage with the same capacity as before, or with ``room`` more slots if it does not fit.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        self.room = room
+        self._store = {"keys": None, "values": None}  # reserved storage, (..., capacity, head_dim)
+        self._view = {"keys": None, "values": None}  # the filled part: a prefix view of the storage
         super().__init__()
-        self.device, self.is_initialized, self.filled = keys.device, True, keys.shape[-2]
-        self._keys, self._values = (self._reserve(t, room) for t in (keys, values))
-        self._expose()
+        self.device, self.is_initialized = keys.device, True
+        self.keys, self.values = keys, values
 
     @staticmethod
-    def _reserve(t: torch.Tensor, room: int) -> torch.Tensor:
-        out = t.new_empty(*t.shape[:-2], t.shape[-2] + room, t.shape[-1])
+    def _reserve(t: torch.Tensor, capacity: int) -> torch.Tensor:
+        out = t.new_empty(*t.shape[:-2], capacity, t.shape[-1])
         out[..., : t.shape[-2], :] = t
         return out
 
-    def _expose(self) -> None:
-        self.keys, self.values = self._keys[..., : self.filled, :], self._values[..., : self.filled, :]
+    @staticmethod
+    def _is_prefix(t: torch.Tensor, store: torch.Tensor | None) -> bool:
+        """Whether ``t`` is ``store[..., :n, :]`` for some ``n`` (a crop of the layer)."""
+        return (
+            store is not None
+            and t.data_ptr() == store.data_ptr()
+            and t.dtype == store.dtype
+            and t.device == store.device
+            and t.stride() == store.stride()
+            and t.shape[:-2] == store.shape[:-2]
+            and t.shape[-1] == store.shape[-1]
+            and t.shape[-2] <= store.shape[-2]
+        )
+
+    def _set(self, part: str, t: torch.Tensor | None) -> None:
+        store = self._store[part]
+        if t is None:  # DynamicLayer.__init__ and reset() drop the tensors
+            self._store[part] = self._view[part] = None
+        elif self._is_prefix(t, store):  # a crop: only the filled length changes
+            self._view[part] = t
+        else:  # fresh storage: the same capacity as before, or room more slots than t if it does not fit
+            capacity = 0 if store is None else store.shape[-2]
+            if t.shape[-2] >= capacity:
+                capacity = t.shape[-2] + max(self.room, 1)
+            self._store[part] = self._reserve(t, capacity)
+            self._view[part] = self._store[part][..., : t.shape[-2], :]
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The filled part of the keys (a view of the reserved storage)."""
+        return self._view["keys"]
+
+    @keys.setter
+    def keys(self, t: torch.Tensor | None) -> None:
+        self._set("keys", t)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The filled part of the values (a view of the reserved storage)."""
+        return self._view["values"]
+
+    @values.setter
+    def values(self, t: torch.Tensor | None) -> None:
+        self._set("values", t)
+
+    @property
+    def filled(self) -> int:
+        """Entries the layer holds (its keys' length)."""
+        return 0 if self._view["keys"] is None else self._view["keys"].shape[-2]
+
+    @property
+    def capacity(self) -> int:
+        """Entries the layer can hold before it has to grow."""
+        return 0 if self._store["keys"] is None else self._store["keys"].shape[-2]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n = key_states.shape[-2]
-        if self.filled + n > self._keys.shape[-2]:
-            self._keys, self._values = (self._reserve(t[..., : self.filled, :], self.filled + n) for t in (self._keys, self._values))
-        self._keys[..., self.filled : self.filled + n, :] = key_states
-        self._values[..., self.filled : self.filled + n, :] = value_states
-        self.filled += n
-        self._expose()
+        if self._store["keys"] is None:  # after reset()
+            self.device, self.is_initialized = key_states.device, True
+            self.keys, self.values = key_states, value_states
+            return self.keys, self.values
+        for part, new in (("keys", key_states), ("values", value_states)):
+            view, store, n = self._view[part], self._store[part], new.shape[-2]
+            filled = view.shape[-2]
+            if filled + n > store.shape[-2]:
+                store = self._store[part] = self._reserve(view, filled + n + max(self.room, filled))
+            store[..., filled : filled + n, :] = new
+            self._view[part] = store[..., : filled + n, :]
         return self.keys, self.values
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only the batch rows ``index`` (rows that finished decoding leave the batch)."""
-        self._keys, self._values = self._keys.index_select(0, index), self._values.index_select(0, index)
-        self._expose()
+        for part in ("keys", "values"):
+            filled = self._view[part].shape[-2]
+            self._store[part] = self._store[part].index_select(0, index)
+            self._view[part] = self._store[part][..., :filled, :]
+
+
+def reserve(cache: DynamicCache, room: int | list[int]) -> DynamicCache:
+    """Turn every layer of ``cache`` that is exactly a ``DynamicLayer`` into a :class:`ReservedLayer`, in place.
+
+    ``room``: the slots reserved after each layer's entries (one number, or one per layer). Layers
+    of other types (sliding-window layers, layers that already reserve) are left alone, and so are
+    layers that hold nothing yet. The layer objects in ``cache.layers`` are replaced, the list
+    itself is kept (a cache that shares it sees the new layers). Returns ``cache``.
+    """
+    rooms = [room] * len(cache.layers) if isinstance(room, int) else list(room)
+    for i, (layer, n) in enumerate(zip(cache.layers, rooms)):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
+            cache.layers[i] = ReservedLayer(layer.keys, layer.values, n)
+    return cache
 
 
 def reserved_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], room: int) -> DynamicCache:

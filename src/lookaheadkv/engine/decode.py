@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from .attention import Observer, hooked
+from .cache import reserve
 
 
 @dataclass
@@ -70,7 +71,14 @@ def decode(
     the cache now holds: rotary embeddings see the tokens where they really are.
     ``after_step(n)`` runs after each forward, when ``n`` new tokens are in the cache (decode-time
     eviction re-scores the cache in place there: :mod:`lookaheadkv.engine.rescore`).
+
+    ``cache`` is extended in place: its layers that are exactly ``DynamicLayer`` are first replaced,
+    in ``cache.layers``, by :class:`engine.cache.ReservedLayer` with room for the answer, so a step
+    writes one entry per layer instead of copying every layer (other layer types are left alone).
+    The caller can go on using the cache as before: crop it, assign its layers' keys and values.
     """
+    if max_new_tokens > 1:  # each step then writes into reserved room instead of copying every layer
+        reserve(cache, max_new_tokens - 1)  # the last token is never fed
     eos = set(eos_token_ids)
     generator = sampling.generator()
     tokens: list[int] = []

@@ -25,7 +25,9 @@ the same part for its presses). A scorer is any object with
 * optionally ``start(model, prefill, observer, kept)``: called once after the prefill's
   eviction (H2O carries the prefill's attention sums on);
 * optionally ``evicted(kept)``: called after each re-scoring with the kept indices per layer
-  (scorers that hold one number per entry gather them too).
+  (scorers that hold one number per entry gather them too);
+* optionally ``extra_entries``: how many entries its scoring appends to the cache for a moment
+  (LookaheadKV's tokens, cropped off again), so that the cache reserves room for them.
 
 Policies build their scorer with ``policy.decode_scorer(model)`` (see
 :mod:`lookaheadkv.policies.decoding`); the engine imports no policy.
@@ -43,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import gather
+from .cache import gather, reserve
 from .evict import select
 
 
@@ -147,18 +149,36 @@ class BudgetedDecoding:
     scorer's ``start``); :func:`engine.decode.decode` then runs with
     :meth:`observers` and calls :meth:`after_step` after every forward, which re-scores the
     cache in place when it is due.
+
+    ``appended``: tokens already run over the evicted cache after the prompt (a question over a
+    compressed context, :class:`integrations.hf.EvictionPipeline`): each layer then holds the kept
+    prompt entries followed by these ``appended`` entries, at positions ``prompt_len ..``, and
+    decoding starts after them (:attr:`start` is ``prompt_len + appended``).
+
+    The cache's layers are made :class:`engine.cache.ReservedLayer` with room up to the peak
+    (``budget + interval``, plus the entries a scorer appends for a moment, ``extra_entries``), so
+    decoding writes into reserved slots and a re-scoring copies the kept entries into the same room.
     """
 
-    def __init__(self, model, cache, kept, prompt_len: int, budget: DecodeBudget, scorer, *, prefill=None, observer=None, keep_positions: bool = False):
+    def __init__(
+        self, model, cache, kept, prompt_len: int, budget: DecodeBudget, scorer, *, prefill=None, observer=None, keep_positions: bool = False, appended: int = 0
+    ):
         self.model, self.cache, self.budget, self.scorer = model, cache, budget, scorer
-        self.start, self.keep_positions = prompt_len, keep_positions
+        self.start, self.keep_positions = prompt_len + appended, keep_positions
         self.positions = []
         for i, layer in enumerate(cache.layers):
-            heads, n = layer.keys.shape[1], layer.keys.shape[2]
+            heads, n = layer.keys.shape[1], layer.keys.shape[2] - appended
             if kept is None:
-                self.positions.append(torch.arange(n).expand(heads, n).clone())
+                positions = torch.arange(n).expand(heads, n).clone()
             else:
-                self.positions.append(kept[i].detach().cpu().long().clone())
+                positions = kept[i].detach().cpu().long().clone()
+            if appended:
+                positions = torch.cat([positions, torch.arange(prompt_len, self.start).expand(heads, appended)], dim=1)
+            if positions.shape != (heads, layer.keys.shape[2]):
+                raise ValueError(f"layer {i} holds {layer.keys.shape[2]} entries per KV head, but {positions.shape[1]} positions were given for it (kept + appended)")
+            self.positions.append(positions)
+        extra = getattr(scorer, "extra_entries", 0)
+        reserve(cache, [max(budget.budget - p.shape[1], 0) + budget.interval + extra for p in self.positions])
         begin = getattr(scorer, "start", None)
         if begin is not None:  # what the scorer carries on from the prefill (H2O: the prompt's attention sums)
             begin(model, prefill, observer, kept)

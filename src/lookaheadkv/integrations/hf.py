@@ -22,10 +22,18 @@ previous call returned:
 
 ``generate`` itself picks the tokens, so sampling, logits processors, streamers, stopping
 criteria and ``max_new_tokens`` behave as without eviction.
+
+With a ``decode_budget`` (:class:`lookaheadkv.engine.rescore.DecodeBudget`) the cache stays at or
+under the budget while ``generate`` decodes, as in :func:`lookaheadkv.engine.generate_ids`: the
+prompt's eviction keeps at most ``budget`` entries per KV head, each step runs under the policy's
+decode-time observer, and every ``interval`` tokens the cache is re-scored and cut back to the
+budget in place (the :class:`EvictedCache` shares its layer objects with the prompt's selection,
+on which the re-scoring works). One prompt at a time, one new token per step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from contextlib import contextmanager
@@ -41,6 +49,16 @@ from ..engine.cache import copy_cache, stack_caches
 from ..engine.decode import Sampling, decode
 from ..engine.generate import Generation, Selection, check_max_new_tokens, check_policy, eos_ids, select_kv
 from ..engine.prefill import forward_rows
+from ..engine.rescore import BudgetedDecoding, DecodeBudget, decode_scorer
+
+
+def check_decode_budget(decode_budget) -> DecodeBudget | None:
+    """``decode_budget`` as a :class:`DecodeBudget` (an int ``n`` means ``DecodeBudget(n)``), None for None, or a one-line ``TypeError``."""
+    if decode_budget is None or isinstance(decode_budget, DecodeBudget):
+        return decode_budget
+    if isinstance(decode_budget, int) and not isinstance(decode_budget, bool):
+        return DecodeBudget(decode_budget)
+    raise TypeError(f"decode_budget must be a DecodeBudget (e.g. DecodeBudget(256, interval=32)) or a whole number of entries, got {decode_budget!r}")
 
 
 class EvictedCache(DynamicCache):
@@ -62,6 +80,8 @@ class EvictedCache(DynamicCache):
             self.layers = stacked.layers
         self.positions = torch.tensor([s.length for s in selections])
         self.seen = seen
+        self.budgeted: BudgetedDecoding | None = None  # under a decode budget (one row): re-scores the layers in place
+        self.fed = 0  # tokens fed since the prompt
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
@@ -95,13 +115,14 @@ class EvictedCache(DynamicCache):
 class _Evicting:
     """The state of one ``evicting()`` block: the wrapped forward, what the last prompt call kept."""
 
-    def __init__(self, model: torch.nn.Module, policy):
-        self.model, self.policy = model, policy
+    def __init__(self, model: torch.nn.Module, policy, decode_budget: DecodeBudget | None = None):
+        self.model, self.policy, self.decode_budget = model, policy, decode_budget
         self.original = model.forward
         self.signature = inspect.signature(self.original)
         self.busy = False
         self.kept: list[list[torch.Tensor] | None] = []  # per row of the last prompt: per layer (kv_heads, k) kept positions; None: all
         self.stats: list = []  # per row of the last prompt: its engine Stats (prefill and eviction)
+        self.decode_eviction = None  # under a decode budget: the last prompt's DecodeRecord (engine.rescore)
 
     def forward(self, *args, **kwargs):
         if self.busy:  # the engine's own calls (prefill, a policy's extend or draft) reach the model itself
@@ -134,11 +155,24 @@ class _Evicting:
             raise ValueError("evicting() needs input_ids (token ids), not inputs_embeds: pass the tokenizer's input_ids to generate")
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
             raise ValueError("evicting() takes a 2-D attention_mask (batch, L), as the tokenizer returns it: pass that one")
+        budget = self.decode_budget
+        if budget is not None and input_ids.shape[0] > 1:
+            raise NotImplementedError(
+                f"a decode budget inside evicting() decodes one prompt at a time, got a batch of {input_ids.shape[0]}: "
+                "call generate once per prompt (with num_beams=1 and num_return_sequences=1)"
+            )
         rows = split_rows(input_ids, attention_mask)
-        selections = [select_kv(self.model, row, self.policy) for row in rows]
+        selections = [select_kv(self.model, row, self.policy, cap=None if budget is None else budget.budget) for row in rows]
         self.kept, self.stats = [s.kept for s in selections], [s.stats for s in selections]
+        budgeted = None
+        if budget is not None:  # as generate_ids: on the selection's cache, whose layer objects the EvictedCache shares
+            one = selections[0]
+            budgeted = BudgetedDecoding(self.model, one.cache, one.kept, one.length, budget, decode_scorer(self.policy, self.model), observer=one.observer)
+            one.stats.decode_eviction = self.decode_eviction = budgeted.record
+        cache = EvictedCache(selections, input_ids.shape[1])
+        cache.budgeted = budgeted
         logits = torch.stack([s.logits for s in selections])[:, None, :]  # (batch, 1, vocab): the last prompt position
-        return CausalLMOutputWithPast(logits=logits, cache=EvictedCache(selections, input_ids.shape[1]))
+        return CausalLMOutputWithPast(logits=logits, cache=cache)
 
     def _step(self, cache: EvictedCache, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kw):
         tokens = input_ids if input_ids is not None else inputs_embeds
@@ -147,18 +181,27 @@ class _Evicting:
             raise ValueError(f"the batch has {batch} rows but the evicted cache {len(cache.positions)}: keep the batch that was prefilled inside evicting()")
         if n > 1 and batch > 1:
             raise NotImplementedError("several new tokens per row over an evicted batch: continue one row at a time, or one token per step")
+        budgeted = cache.budgeted
+        if n > 1 and budgeted is not None:
+            raise NotImplementedError(
+                f"{n} new tokens in one step under a decode budget (assisted or speculative generation): feed one token per step, or drop decode_budget"
+            )
         positions = (cache.positions[:, None] + torch.arange(n)[None]).to(tokens.device)
         if getattr(self.policy, "evicts", True) and self.policy is not None:
             check_eviction_window(self.model, int(positions.max()) + 1)
         kw.pop("use_cache", None)
-        with hooked(self.model, (), padding=cache.padding or None):
+        observers = budgeted.observers() if budgeted is not None else ()
+        with hooked(self.model, observers, padding=cache.padding or None):  # as engine.decode.decode: the re-scoring inside too
             out = self.original(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=positions, cache=cache, use_cache=True, **kw)
-        cache.advance(n)
+            cache.advance(n)
+            if budgeted is not None:
+                cache.fed += n
+                budgeted.after_step(cache.fed)
         return out
 
 
 @contextmanager
-def evicting(model: torch.nn.Module, policy) -> Iterator[_Evicting]:
+def evicting(model: torch.nn.Module, policy, *, decode_budget: DecodeBudget | int | None = None) -> Iterator[_Evicting]:
     """Inside the block, ``model.generate`` (and any forward over a prompt) evicts the prompt's cache with ``policy``.
 
     Every registered policy works, LookaheadKV's tokens riding in the prompt's prefill as in
@@ -169,17 +212,31 @@ def evicting(model: torch.nn.Module, policy) -> Iterator[_Evicting]:
     whose ``kept`` and ``stats`` describe the last prompt's rows. On exit the model is as before:
     the wrapper is removed and nothing else was changed.
 
+    ``decode_budget`` (a :class:`DecodeBudget`, or an int ``n`` for ``DecodeBudget(n)``) also holds
+    the cache at or under that many entries per KV head while ``generate`` decodes, re-scored by the
+    policy's decode-time scorer every ``interval`` tokens (greedy ``generate`` then gives the tokens
+    of ``generate_ids(..., decode_budget=...)``, tested); the yielded object's ``decode_eviction``
+    (a :class:`engine.rescore.DecodeRecord`) says what it did for the last prompt. It needs a policy
+    with a decode-time scorer (refused on entering the block otherwise), one prompt per ``generate``
+    call and one new token per step.
+
     Examples
     --------
     >>> with evicting(model, LookaheadKV(budget=128)) as ev:
     ...     out = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=64, do_sample=True)
     >>> ev.stats[0].line()
+    >>> with evicting(model, SnapKV(budget=128), decode_budget=DecodeBudget(256, interval=32)) as ev:
+    ...     out = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=1024)
+    >>> ev.decode_eviction.line()
     """
     if policy is not None:
         check_policy(policy)
+    decode_budget = check_decode_budget(decode_budget)
+    if decode_budget is not None:
+        decode_scorer(policy, model)  # refused here, before any forward (each prompt gets a fresh scorer)
     if getattr(model.forward, "__lookaheadkv_evicting__", False):
         raise RuntimeError("this model is already inside evicting(): leave that block first (blocks do not nest)")
-    state = _Evicting(model, policy)
+    state = _Evicting(model, policy, decode_budget)
     had = "forward" in model.__dict__
     previous = model.__dict__.get("forward")
 
@@ -206,16 +263,26 @@ class EvictionPipeline:
     tokens then run over the compressed cache at their true positions and the answer is decoded.
     With a chat template the context and question share one user turn.
 
+    ``decode_budget`` (a :class:`DecodeBudget`, or an int ``n`` for ``DecodeBudget(n)``) holds the
+    whole cache, context, question and answer, at or under that many entries per KV head while
+    decoding (:mod:`lookaheadkv.engine.rescore`): the context keeps at most ``budget`` minus the
+    longest question's tokens, the question's entries are scored with the rest at re-scorings, and
+    each answer's ``stats.decode_eviction`` says what was done. It needs a policy with a decode-time
+    scorer (refused here otherwise).
+
     Examples
     --------
     >>> pipe = pipeline(model, tokenizer, LookaheadKV(budget=128))
     >>> pipe(document, question="Who signed it?", max_new_tokens=32)["answer"]
     """
 
-    def __init__(self, model, tokenizer, policy=None, *, chat: bool = True):
+    def __init__(self, model, tokenizer, policy=None, *, chat: bool = True, decode_budget: DecodeBudget | int | None = None):
         if policy is not None:
             check_policy(policy)
         self.model, self.tokenizer, self.policy, self.chat = model, tokenizer, policy, chat
+        self.decode_budget = check_decode_budget(decode_budget)
+        if self.decode_budget is not None:
+            decode_scorer(policy, model)  # refused here, before any forward (each question gets a fresh scorer)
 
     def split(self, context: str, question: str) -> tuple[list[int], list[int]]:
         """Token ids of the context part (compressed) and of the question part (run after it)."""
@@ -240,7 +307,12 @@ class EvictionPipeline:
         sampling = Sampling(temperature, top_p, seed)
         parts = [self.split(context, q) for q in questions]
         longest = max(len(p[1]) for p in parts)
-        selection = select_kv(self.model, torch.tensor([parts[0][0]]), self.policy, max_new_tokens=longest + max_new_tokens)
+        budget, cap = self.decode_budget, None
+        if budget is not None:  # the question's entries stay with the context's: together within the budget
+            cap = budget.budget - longest
+            if cap < 1:
+                raise ValueError(f"the question has {longest} tokens, as many as the decode budget of {budget.budget} entries or more: raise decode_budget or shorten the question")
+        selection = select_kv(self.model, torch.tensor([parts[0][0]]), self.policy, max_new_tokens=longest + max_new_tokens, cap=cap)
         eos = eos_ids(self.model, self.tokenizer)
         out = []
         for context_ids, question_ids in parts:
@@ -248,12 +320,27 @@ class EvictionPipeline:
                 raise ValueError("the chat template renders the context differently for these questions: ask them one call at a time")
             cache = copy_cache(selection.cache) if len(parts) > 1 else selection.cache
             logits = forward_rows(self.model, torch.tensor([question_ids], device=self.model.device), cache, start=selection.length)
-            tokens = decode(self.model, cache, logits, selection.length + len(question_ids), max_new_tokens, sampling=sampling, eos_token_ids=eos)
+            stats, budgeted = selection.stats, None
+            if budget is not None:  # the cache holds the kept context entries, then the question's
+                scorer = decode_scorer(self.policy, self.model)
+                budgeted = BudgetedDecoding(self.model, cache, selection.kept, selection.length, budget, scorer, observer=selection.observer, appended=len(question_ids))
+                stats = dataclasses.replace(selection.stats, decode_eviction=budgeted.record)
+            tokens = decode(
+                self.model,
+                cache,
+                logits,
+                selection.length + len(question_ids),
+                max_new_tokens,
+                sampling=sampling,
+                eos_token_ids=eos,
+                observers=budgeted.observers() if budgeted is not None else (),
+                after_step=budgeted.after_step if budgeted is not None else None,
+            )
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            out.append({"answer": text, "generation": Generation(text, tokens, selection.stats, selection.kept)})
+            out.append({"answer": text, "generation": Generation(text, tokens, stats, selection.kept)})
         return out[0] if isinstance(question, str) else out
 
 
-def pipeline(model, tokenizer, policy=None, *, chat: bool = True) -> EvictionPipeline:
+def pipeline(model, tokenizer, policy=None, *, chat: bool = True, decode_budget: DecodeBudget | int | None = None) -> EvictionPipeline:
     """A callable ``pipe(context, question=..., max_new_tokens=...)``: see :class:`EvictionPipeline`."""
-    return EvictionPipeline(model, tokenizer, policy, chat=chat)
+    return EvictionPipeline(model, tokenizer, policy, chat=chat, decode_budget=decode_budget)

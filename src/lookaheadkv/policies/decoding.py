@@ -172,6 +172,7 @@ class LookaheadScores:
         self.policy, self.modules = policy, policy.resolve(model)
         self.kv_heads = model.config.num_key_value_heads
         self.queries = WindowQueries(model, policy.window) if policy.window else None
+        self.extra_entries = self.modules.config.n_lookahead  # its tokens' entries, cropped after each scoring
 
     def observer(self):
         return self.queries
