@@ -5,13 +5,18 @@ summaries, extracting every item of a kind, few-shot step-by-step sums, essay co
 essays and needles). Each prompt is prefilled once (policies.SharedPrefill); the full cache answers
 first, then every method at every decode budget: the prompt cut to the budget at prefill, and the
 whole cache (prompt and answer) held at or under it while decoding, re-scored every --interval tokens
-(engine.rescore). Written to --out:
+(engine.rescore). All (method, decode budget) rows of a prompt decode as ONE batch
+(engine.batch_rescore.decode_budgeted_batch: one forward per step for all rows, each row re-scored on
+its own cache, the same tokens as decoding it alone); --no-batch decodes them one after the other.
+Written to --out:
 
 * ``results.jsonl``: one row per (prompt, method, decode budget), resumable (rerun the same command);
 * ``report.md``: fidelity to the full-cache answer (token F1, ROUGE-L) and the task score where the
   answer can be checked (share of the items / running totals it holds), means with 95% bootstrap CIs;
   the cost of re-scoring: each re-scoring's time as a share of the decoding time of the interval it
-  closes (per-step observer work, e.g. H2O's attention rows, is inside that decoding time);
+  closes (per-step observer work, e.g. H2O's attention rows, is inside that decoding time); batched,
+  a row is charged each batched step's time divided by the rows in it (its ``decode_seconds`` too),
+  and ``batch_rows`` says how many rows shared the batch (1: decoded alone);
 * ``memory.png``: KV-cache memory against generated tokens, the full cache vs each decode budget.
 
     python benchmarks/long_generation.py --out runs/longgen --methods lookahead,snapkv,h2o,tova,streamingllm,random \\
@@ -27,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lookaheadkv.engine.batch_rescore import decode_budgeted_batch
 from lookaheadkv.engine.cache import copy_cache, gather
 from lookaheadkv.engine.decode import decode
 from lookaheadkv.engine.generate import eos_ids
@@ -55,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--plot-method", default="lookahead", help="the method whose memory curves are drawn beside the full cache")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--no-batch", action="store_true", help="decode each (method, decode budget) alone, one after the other (slower; the same tokens)")
     return p.parse_args(argv)
 
 
@@ -68,11 +75,12 @@ def build_policies(methods, modules, budget):
     return policies
 
 
-def row_for(sample, method, budget, tokens, tokenizer, reference, seconds, entries, rescorings):
+def row_for(sample, method, budget, tokens, tokenizer, reference, seconds, entries, rescorings, batch_rows=1):
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     row = {
         "id": sample.id, "task": sample.task, "method": method, "decode_budget": budget, "prompt_tokens": sample.n_tokens,
         "new_tokens": len(tokens), "text": text, "decode_seconds": seconds, "entries": entries, "rescorings": rescorings,
+        "batch_rows": batch_rows,
         "task_score": score_sample(sample, text)["score"] if sample.metric == "all" else None,
     }  # fmt: skip
     if reference is not None:
@@ -92,21 +100,33 @@ def run_sample(model, tokenizer, sample, policies, budgets, args, done, path):
         entries = [length + t for t in range(len(tokens))]
         full = row_for(sample, "full", 0, tokens, tokenizer, None, time.perf_counter() - start, entries, [])
         append_record(path, full)
-    for name, policy in policies.items():
-        for budget in budgets:
-            if any(r["id"] == sample.id and r["method"] == name and r["decode_budget"] == budget for r in done):
-                continue
-            kept = shared.kept(name, budget)
-            cache = gather(state.cache, kept)
-            run = BudgetedDecoding(
-                model, cache, kept, length, DecodeBudget(budget, args.interval, args.recent), decode_scorer(shared.policy(name, budget), model),
-                prefill=state, observer=shared.observers[name],
-            )  # fmt: skip
+    todo = [
+        (name, budget) for name in policies for budget in budgets
+        if not any(r["id"] == sample.id and r["method"] == name and r["decode_budget"] == budget for r in done)
+    ]  # fmt: skip
+
+    def budgeted(name, budget):
+        kept = shared.kept(name, budget)
+        return BudgetedDecoding(
+            model, gather(state.cache, kept), kept, length, DecodeBudget(budget, args.interval, args.recent), decode_scorer(shared.policy(name, budget), model),
+            prefill=state, observer=shared.observers[name],
+        )  # fmt: skip
+
+    def record(name, budget, run, tokens, seconds, batch_rows):
+        rescorings = [[r.fed, r.seconds, r.interval_seconds] for r in run.record.rescorings]
+        append_record(path, row_for(sample, name, budget, tokens, tokenizer, full["text"], seconds, run.record.entries, rescorings, batch_rows))
+
+    if getattr(args, "no_batch", False):
+        for name, budget in todo:
+            run = budgeted(name, budget)
             start = time.perf_counter()
-            tokens = decode(model, cache, state.logits, length, args.max_new_tokens, eos_token_ids=eos, observers=run.observers(), after_step=run.after_step)
-            seconds = time.perf_counter() - start
-            rescorings = [[r.fed, r.seconds, r.interval_seconds] for r in run.record.rescorings]
-            append_record(path, row_for(sample, name, budget, tokens, tokenizer, full["text"], seconds, run.record.entries, rescorings))
+            tokens = decode(model, run.cache, state.logits, length, args.max_new_tokens, eos_token_ids=eos, observers=run.observers(), after_step=run.after_step)
+            record(name, budget, run, tokens, time.perf_counter() - start, 1)
+    elif todo:  # every row of the prompt as one batch; the rows are written once it is done (a rerun redoes an interrupted batch)
+        runs = [budgeted(name, budget) for name, budget in todo]
+        outputs = decode_budgeted_batch(model, runs, state.logits, length, args.max_new_tokens, eos_token_ids=eos)
+        for (name, budget), run, tokens in zip(todo, runs, outputs):
+            record(name, budget, run, tokens, run.record.seconds, len(runs))
 
 
 def _ci(values) -> str:
@@ -135,7 +155,8 @@ def report(rows, methods, budgets) -> str:
             if sel:
                 lines.append(f"| {name} | {b} | {len(sel)} | {_ci([r['f1'] for r in sel])} | {_ci([r['rouge_l'] for r in sel])} | {_ci([r['task_score'] for r in sel])} |")
     lines += [
-        "", "Cost of re-scoring: per answer, the mean over its re-scorings of (re-scoring time / decoding time of the interval it closes), %, mean [95% CI] over answers.", "",
+        "", "Cost of re-scoring: per answer, the mean over its re-scorings of (re-scoring time / decoding time of the interval it closes), %, mean [95% CI] over answers."
+        + (" Rows decoded as one batch are charged each batched step's time divided by the rows in it, so their interval is shorter than decoding alone." if any(r.get("batch_rows", 1) > 1 for r in rows) else ""), "",
         "| method | decode budget | re-scorings per answer | ms per re-scoring (median) | share of the interval's decoding |",
         "|---|---:|---:|---:|---:|",
     ]  # fmt: skip

@@ -66,3 +66,30 @@ def test_long_generation_script_at_a_tiny_shape(smollm2, tmp_path):
     assert (out / "memory.png").stat().st_size > 0 and (out / "report.md").read_text() == text
     script.main(argv)  # resumes: nothing left to do
     assert len(read_records(out / "results.jsonl")) == len(rows)
+
+
+def test_long_generation_batched_equals_one_at_a_time(smollm2, tmp_path):
+    """The default (all rows of a prompt as one batch) writes the rows --no-batch writes: texts, entries, re-scoring steps."""
+    model_dir, modules_dir = tmp_path / "tiny", tmp_path / "modules"
+    _, tokenizer = smollm2
+    model = tiny_for_tokenizer(tokenizer, seed=5, max_position_embeddings=2048)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    LookaheadModules.for_model(model, seed=2, n_lookahead=4).save_pretrained(modules_dir)
+    script = load_script()
+    argv = [
+        "--model", str(model_dir), "--modules", str(modules_dir), "--methods", "lookahead,snapkv,h2o,streamingllm,random",
+        "--decode-budgets", "16,40,2000", "--prompts-per-task", "1", "--tasks", "long_arithmetic,long_summary", "--length", "1024",
+        "--max-new-tokens", "36", "--interval", "6", "--recent", "4",
+    ]  # fmt: skip
+    script.main(["--out", str(tmp_path / "batched"), *argv])
+    script.main(["--out", str(tmp_path / "alone"), "--no-batch", *argv])
+    batched, alone = (read_records(tmp_path / d / "results.jsonl") for d in ("batched", "alone"))
+    assert len(batched) == len(alone) == 2 * (1 + 5 * 3)
+    key = lambda r: (r["id"], r["method"], r["decode_budget"])  # noqa: E731
+    for b, a in zip(sorted(batched, key=key), sorted(alone, key=key)):
+        assert key(b) == key(a)
+        assert (b["text"], b["new_tokens"], b["entries"]) == (a["text"], a["new_tokens"], a["entries"]), key(b)
+        assert [r[0] for r in b["rescorings"]] == [r[0] for r in a["rescorings"]], key(b)
+        assert b["batch_rows"] == (1 if b["method"] == "full" else 15) and a["batch_rows"] == 1
+    assert any(r["rescorings"] for r in batched) and not any(r["rescorings"] for r in batched if r["decode_budget"] == 2000)

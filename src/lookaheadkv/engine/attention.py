@@ -12,7 +12,9 @@ Because the engine runs batch size 1 without padding, the mask is always the cau
 it here instead of letting Hugging Face build one from the cache length, which lets
 layers hold different numbers of entries after eviction (PyramidKV). The one exception to
 batch size 1 is :func:`engine.decode.decode_batch`: single-token steps over caches stacked
-along the batch, without observers, where the only mask is the padding of ragged caches.
+along the batch, without observers, where the only mask is the padding of ragged caches; and
+:func:`engine.batch_rescore.decode_budgeted_batch`, the same steps with one observer marked
+``batched`` that hands each row's own observer that row's query and real keys.
 
 A prefill may carry a *tail*: extra rows after the prompt in the same forward (LookaheadKV's
 lookahead tokens, :class:`engine.prefill.Tail`). The prompt's rows then go through the very
@@ -115,8 +117,9 @@ def _explicit(query, key, value, scaling, observers):
 def _attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
     q, k = query.shape[2], key.shape[2]
     observers = _observers()
-    if query.shape[0] != 1 and (q != 1 or observers):
-        # batched rows only for single-token decoding without observers (engine.decode.decode_batch)
+    if query.shape[0] != 1 and (q != 1 or not all(getattr(o, "batched", False) for o in observers)):
+        # batched rows only for single-token decoding (engine.decode.decode_batch), whose observers, if
+        # any, split the batch into its rows themselves (engine.batch_rescore)
         raise ValueError(f"lookaheadkv runs batch size 1, got a batch of {query.shape[0]}")
     if sliding_window is not None and k > sliding_window:
         raise NotImplementedError(

@@ -32,6 +32,10 @@ the same part for its presses). A scorer is any object with
 Policies build their scorer with ``policy.decode_scorer(model)`` (see
 :mod:`lookaheadkv.policies.decoding`); the engine imports no policy.
 
+Several rows of one prompt (other policies, other budgets) decode under their budgets as one batch
+with :func:`engine.batch_rescore.decode_budgeted_batch`: the same steps, each row re-scored on its own
+cache (:meth:`BudgetedDecoding.advance` per step, :meth:`BudgetedDecoding.close_interval` at its interval's end).
+
 Positions stay true: each entry's position is tracked per layer and KV head (ascending in
 cache order, since kept indices are sorted and new tokens come last), decoding continues at
 the prompt length plus the tokens generated, and a scorer that runs tokens of its own
@@ -114,6 +118,7 @@ class DecodeRecord:
     budget: DecodeBudget
     entries: list[int] = field(default_factory=list)  # entries per KV head (longest layer) at step 0 (after prefill) and after each step, before any re-scoring
     rescorings: list[Rescoring] = field(default_factory=list)
+    seconds: float | None = None  # the whole answer's decoding time, where the decoder records it (engine.batch_rescore: this row's share)
 
     @property
     def peak(self) -> int:
@@ -198,17 +203,30 @@ class BudgetedDecoding:
 
     def after_step(self, fed: int) -> None:
         """``fed`` generated tokens are now in the cache (the last one at position ``start + fed - 1``)."""
-        position = self.start + fed - 1
-        self.positions = [torch.cat([p, p.new_full((p.shape[0], 1), position)], dim=1) for p in self.positions]
-        longest = self._longest()
-        self.record.entries.append(longest)
-        if fed % self.budget.interval:
+        if not self.advance(fed):
             return
         now = time.perf_counter()
         interval_seconds, self._mark = now - self._mark, now
-        if longest > self.budget.budget:
-            self.rescore(fed, interval_seconds)
+        if self.close_interval(fed, interval_seconds):
             self._mark = time.perf_counter()
+
+    def advance(self, fed: int) -> bool:
+        """The bookkeeping of one step (:meth:`after_step` without the re-scoring): whether an interval ends at ``fed``.
+
+        The entry count recorded is read off the positions (one per entry), so it holds also while
+        the step's entries sit elsewhere (a stacked batch, :mod:`engine.batch_rescore`).
+        """
+        position = self.start + fed - 1
+        self.positions = [torch.cat([p, p.new_full((p.shape[0], 1), position)], dim=1) for p in self.positions]
+        self.record.entries.append(max(p.shape[1] for p in self.positions))
+        return fed % self.budget.interval == 0
+
+    def close_interval(self, fed: int, interval_seconds: float) -> bool:
+        """An interval ended at ``fed``: re-score if the cache holds more than the budget; whether it did."""
+        if self.record.entries[-1] > self.budget.budget:
+            self.rescore(fed, interval_seconds)
+            return True
+        return False
 
     @torch.no_grad()
     def rescore(self, fed: int, interval_seconds: float = 0.0) -> None:

@@ -38,6 +38,8 @@ class WindowQueries:
     along the cache order, which is position order with the evicted entries left out.
     """
 
+    needs_keys = False  # its observer reads only the query (engine.batch_rescore then passes no keys)
+
     def __init__(self, model, window: int, kernel: int = 1, gqa_reduce: str = "mean", all_heads: bool = False):
         self.heads, self.kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
         self.window, self.kernel, self.gqa_reduce, self.all_heads = window, kernel, gqa_reduce, all_heads
