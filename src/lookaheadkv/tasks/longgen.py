@@ -136,5 +136,5 @@ def make_long_sample(task: str, tokenizer: Any, target_tokens: int = 2048, seed:
 
 
 def make_long_suite(tokenizer: Any, n_per_task: int, target_tokens: int = 2048, seed: int = 0, tasks=LONG_TASKS, max_new_tokens: int = 1024) -> list[Sample]:
-    """``n_per_task`` samples of every task, task-major."""
-    return [make_long_sample(t, tokenizer, target_tokens, seed, i, max_new_tokens) for t in tasks for i in range(n_per_task)]
+    """``n_per_task`` samples of every task, the tasks interleaved (sample 0 of each, then 1, ...)."""
+    return [make_long_sample(t, tokenizer, target_tokens, seed, i, max_new_tokens) for i in range(n_per_task) for t in tasks]  # a partial run covers every task
