@@ -1,7 +1,9 @@
 """LookaheadKV modules side by side: paired differences (95% CIs) over the same prompts of several eval runs.
 
 Each ``--run NAME=FOLDER`` is an ``lookaheadkv eval`` run folder (its ``results.jsonl``) made
-with one set of modules; its ``lookahead`` rows become the method ``lookahead[NAME]``. The
+with one set of modules; its ``lookahead`` rows become the method ``lookahead[NAME]`` (and its
+variants, e.g. ``lookahead:kernel=7``, ``lookahead[NAME]:kernel=7``, each paired with the first
+run's default too). The
 other methods (full, oracle, SnapKV, LAQ, ...) are taken from the first run, where they were
 run once. Only samples that every compared method finished count, so every difference is
 paired: the same prompts, the same budgets.
@@ -41,8 +43,9 @@ def load(runs: list[tuple[str, Path]]) -> list[dict]:
         for r in latest_results(read_results(path)):
             if "error" in r:
                 continue
-            if r["method"] == "lookahead":
-                rows.append({**r, "method": f"lookahead[{name}]"})
+            method = r["method"]
+            if method == "lookahead" or method.startswith("lookahead:"):  # a variant keeps its options: lookahead[NAME]:kernel=7
+                rows.append({**r, "method": f"lookahead[{name}]{method[len('lookahead'):]}"})
             elif k == 0:
                 rows.append(r)
     return rows
@@ -52,10 +55,13 @@ def table(rows: list[dict], names: list[str], against: list[str]) -> str:
     by = defaultdict(dict)  # (method, budget) -> sample -> row
     for r in rows:
         by[(r["method"], r["budget"])][r["sample_id"]] = r
+    ours = []  # lookahead[NAME] and its variants, in run order
+    for n in names:
+        ours += sorted({m for m, _ in by if m == f"lookahead[{n}]" or m.startswith(f"lookahead[{n}]:")}, key=lambda m: (":" in m, m))
     budgets = sorted({b for (m, b) in by if m != "full"})
     lines = []
     for b in budgets:
-        methods = [m for m in ("full", "oracle", *against, *(f"lookahead[{n}]" for n in names)) if (m, 0 if m == "full" else b) in by]
+        methods = [m for m in ("full", "oracle", *against, *ours) if (m, 0 if m == "full" else b) in by]
         keys = [(m, 0 if m == "full" else b) for m in methods]
         common = sorted(set.intersection(*(set(by[k]) for k in keys)))
         lines += [f"### budget {b} (n = {len(common)} prompts every method finished)", "", "| method | score % [95% CI] | attention recall % |", "|---|---|---|"]
@@ -65,7 +71,8 @@ def table(rows: list[dict], names: list[str], against: list[str]) -> str:
             recall = f"{100 * sum(recalls) / len(recalls):.1f}" if recalls else "-"
             lines.append(f"| {m} | {100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | {recall} |")
         lines += ["", "| paired difference | points [95% CI] |", "|---|---|"]
-        pairs = [(f"lookahead[{n}]", o) for n in names for o in [*against, *(f"lookahead[{x}]" for x in names if x != n)]]
+        # every one of ours against the baselines, and against the first of ours (the first run's default)
+        pairs = [(a, o) for a in ours for o in against] + [(a, ours[0]) for a in ours[1:]]
         for a, o in pairs:
             ka, ko = (a, b), (o, b)
             if ka in by and ko in by:
