@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from lookaheadkv.engine.batch_rescore import decode_budgeted_batch
+from lookaheadkv.bench.common import environment
 from lookaheadkv.engine.cache import copy_cache, gather
 from lookaheadkv.engine.decode import decode
 from lookaheadkv.engine.generate import eos_ids
@@ -171,6 +172,17 @@ def report(rows, methods, budgets) -> str:
     return "\n".join(lines) + "\n"
 
 
+def provenance(path: Path) -> str:
+    """The report's last lines: the runs (and restarts) that wrote results.jsonl."""
+    if not path.exists():
+        return ""
+    lines = ["", "Written by (each start or resume of the run):", ""]
+    for r in read_records(path):
+        e = r["environment"]
+        lines.append(f"- {e['date']}, {e['machine']}, {e['threads']} threads, torch {e['torch']}, commit {e['commit']}: `{e['command']}`")
+    return "\n".join(lines) + "\n"
+
+
 def plot_memory(rows, model, method, budgets, path: Path) -> Path | None:
     import matplotlib
 
@@ -206,6 +218,8 @@ def main(argv=None) -> str:
     path = args.out / "results.jsonl"
     model, tokenizer = load_model(args.model)
     if not args.report_only:
+        # provenance of every (re)start: date, machine, threads, commit, command (the report quotes them)
+        append_record(args.out / "runs.jsonl", {"environment": environment(args.model or "bundled:smollm2-135m-instruct", model)})
         policies = build_policies(methods, args.modules, max(budgets))
         samples = make_long_suite(tokenizer, args.prompts_per_task, args.length, args.seed, args.tasks.split(","), args.max_new_tokens)
         for i, sample in enumerate(samples):
@@ -213,7 +227,7 @@ def main(argv=None) -> str:
             run_sample(model, tokenizer, sample, policies, budgets, args, done, path)
             print(f"[{i + 1}/{len(samples)}] {sample.id}", flush=True)
     rows = read_records(path)
-    text = report(rows, methods, budgets)
+    text = report(rows, methods, budgets) + provenance(args.out / "runs.jsonl")
     (args.out / "report.md").write_text(text)
     plot_memory(rows, model, args.plot_method, budgets, args.out / "memory.png")
     print(text)
