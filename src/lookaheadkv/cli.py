@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="KV-cache eviction at prefill, with LookaheadKV.")
-data_app = typer.Typer(no_args_is_help=True, help="Build training data (responses and true importance).")
+data_app = typer.Typer(no_args_is_help=True, help="Build training data (responses and true importance), and derive mid-answer samples from it.")
 app.add_typer(data_app, name="data")
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, ImportError, KeyError)
@@ -306,6 +306,67 @@ def data_build(
     typer.echo(f"{built} samples built now; {out} holds {len(list((out / 'samples').glob('*.safetensors')))} of {len(records)}")
 
 
+@data_app.command("cut")
+@friendly
+def data_cut(
+    source: Path = typer.Option(..., "--from", help="A data folder made by 'lookaheadkv data build'; the samples on disk are cut (rerun after it grows to cut the new ones)."),
+    out: Path = typer.Option(..., help="The new data folder (created; rerun the same command to resume)."),
+    at: list[str] = typer.Option(..., metavar="FRACTION", help="Cut fraction in (0, 1): the share of each answer (end-of-sequence token excluded, rounded) that joins the prompt; repeat it or give a list (--at 0.25 --at 0.5, or --at 0.25,0.5)."),
+    min_rest: int = typer.Option(16, min=1, help="Skip a cut that leaves fewer answer tokens than this after it (end-of-sequence token excluded)."),
+    model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the model the source folder was built with (its manifest)."),
+    dtype: Optional[str] = typer.Option(None, help="Model dtype; default: the source folder's (its manifest), as the build ran. Labels are computed in float32 arithmetic either way."),
+    index_range: Optional[str] = typer.Option(None, "--range", help="Cut only the source samples numbered FIRST <= n < END, written FIRST-END (e.g. 0-800), to spread a cut over several machines."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
+):
+    """Derive mid-answer samples: each answer cut at --at, its first part joined to the prompt, the rest labelled; resumable.
+
+    No generation is needed: greedy decoding is prefix-consistent, so the rest of a built answer is the model's own answer to the prompt plus the answer's first part (training/midanswer.py).
+    """
+    import torch
+
+    from .engine.generate import eos_ids
+    from .models import load_model
+    from .training.midanswer import check_fractions, cut, read_source, source_numbers
+
+    fractions = check_fractions([f for text in at for f in parse_list(text, "--at", float)])
+    manifest = read_source(source)
+    check_out_folder(out)
+    if out.resolve() == source.resolve():
+        fail(f"--out {out} is the --from folder: give a new folder for the cut samples")
+    numbers = source_numbers(source)
+    if not numbers:
+        fail(f"{source} holds no samples yet: run 'lookaheadkv data build' first")
+    low, high = 0, numbers[-1] + 1
+    if index_range is not None:
+        try:
+            low, high = (int(x) for x in index_range.split("-"))
+            assert 0 <= low < high
+        except (ValueError, AssertionError):
+            fail(f"--range takes FIRST-END with 0 <= FIRST < END, e.g. 0-800, got {index_range!r}")
+    mine = [n for n in numbers if low <= n < high]
+    if not mine:
+        fail(f"--range {index_range} holds none of the {len(numbers)} samples of {source} (numbered {numbers[0]} to {numbers[-1]}): choose another range")
+    if threads:
+        torch.set_num_threads(threads)
+    built_with = manifest.get("model")
+    name = model or built_with
+    if model is not None and built_with is not None and model != built_with:
+        typer.echo(f"warning: {source} was built with --model {built_with}; cutting with {model}: its answers are only that model's own if it is the same model", err=True)
+    try:
+        llm, tokenizer = load_model(name, dtype=dtype or manifest.get("dtype"))
+    except FileNotFoundError as err:
+        if model is not None:
+            raise
+        fail(f"{str(err).splitlines()[0]} (the model {source} was built with): give it with --model")
+    progress = _bar("data cut", len(mine))
+    with progress:
+        done = cut(llm, source, out, fractions, eos_token_ids=eos_ids(llm, tokenizer), model_name=name, min_rest=min_rest, only=set(mine), on_progress=lambda n: progress.advance(progress.task_ids[0]))
+    typer.echo(
+        f"{done.built} samples cut now, {done.present} were there already, {done.short} cuts skipped (fewer than {min_rest} answer tokens after them); "
+        f"{out} holds {len(list((out / 'samples').glob('*.safetensors')))} samples from {len(numbers)} source samples"
+    )
+
+
 def _bar(label: str, total: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -317,7 +378,7 @@ def _bar(label: str, total: int):
 @app.command()
 @friendly
 def train(
-    data: Path = typer.Option(..., help="A folder made by 'lookaheadkv data build'."),
+    data: list[Path] = typer.Option(..., metavar="FOLDER", help="A folder made by 'lookaheadkv data build' (or 'data cut'); give --data several times to train on the union of the folders."),
     out: Path = typer.Option(..., help="Run folder: checkpoints, log.jsonl, final/ modules (rerun to resume)."),
     model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the bundled SmolLM2."),
     steps: int = typer.Option(200, min=1),
@@ -337,7 +398,7 @@ def train(
     init: Optional[Path] = typer.Option(None, help="When --out holds no checkpoint: a checkpoint folder to carry on (another machine's run), or saved modules to start from (fresh optimizer, step 0)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
 ):
-    """Train lookahead modules on a built data folder (runs under torchrun / accelerate launch too)."""
+    """Train lookahead modules on built data folders (runs under torchrun / accelerate launch too)."""
     import os
 
     import torch
@@ -348,9 +409,12 @@ def train(
 
     if threads:
         torch.set_num_threads(threads)
-    if not data.is_dir():
-        fail(f"data folder not found: {data}")
-    cfg = TrainConfig(data=str(data), out=str(out), steps=steps, batch=batch, lr=lr, schedule=schedule, warmup=warmup, clip=clip, seed=seed, n_lookahead=n_lookahead, rank=rank, alpha=alpha, eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, init=str(init) if init else None)
+    for folder in data:
+        if not folder.is_dir():
+            fail(f"data folder not found: {folder}")
+    if len({folder.resolve() for folder in data}) < len(data):
+        fail(f"a data folder is given twice in --data {' --data '.join(map(str, data))}: give each folder once")
+    cfg = TrainConfig(data=str(data[0]) if len(data) == 1 else [str(folder) for folder in data], out=str(out), steps=steps, batch=batch, lr=lr, schedule=schedule, warmup=warmup, clip=clip, seed=seed, n_lookahead=n_lookahead, rank=rank, alpha=alpha, eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, init=str(init) if init else None)
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     llm, _ = load_model(model, dtype=dtype, device=device)
     run(llm, cfg)

@@ -5,6 +5,9 @@ Layout of a data folder::
     manifest.json                 model, settings, the prompt list's fingerprint
     samples/000123.safetensors    prompt_ids (int32), response_ids (int32), labels (fp16, layers x heads x L)
 
+A folder made by ``lookaheadkv data cut`` (:mod:`.midanswer`) has the same layout; its samples'
+ids are ``<source id>@cut0.50`` and its manifest names the folder it derives from.
+
 Each sample is written to a temporary name and renamed, so an interrupted build leaves
 only whole samples; a rerun skips them and continues. A sample that was damaged after it
 was written (a truncated copy, a disk error) is found on the rerun, moved aside as
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +50,7 @@ def read_sample(path: Path, full: bool = True) -> dict:
     ``(layers, heads, len(prompt_ids))``; with ``full``, the labels are finite, non-negative
     and sum to about 1 per row, and the prompt matches the hash recorded when it was built.
     """
-    fix = f"delete {path} and rerun the same 'lookaheadkv data build' command to rebuild it"
+    fix = f"delete {path} and rerun the same 'lookaheadkv data build' (or 'data cut') command to rebuild it"
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -93,13 +97,27 @@ def fingerprint(records: list[PromptRecord]) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_manifest(out: Path, manifest: dict) -> None:
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of a data folder; raises FileNotFoundError saying how to make one."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a data folder (no {MANIFEST}): build one with 'lookaheadkv data build'")
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path} is not valid JSON: rerun the command that made {folder}, or restore the file") from None
+
+
+def _check_manifest(out: Path, manifest: dict, keys=("model", "max_new_tokens", "prompts", "dtype")) -> None:
+    """Write ``manifest`` into a new folder, or refuse a folder whose manifest differs in one of ``keys``."""
     path = out / MANIFEST
     if not path.exists():
-        path.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, path)
         return
     old = json.loads(path.read_text())
-    for key in ("model", "max_new_tokens", "prompts", "dtype"):
+    for key in keys:
         if key == "dtype" and key not in old:
             continue  # folders built before the dtype was recorded were float32
         if old.get(key) != manifest.get(key):
@@ -185,33 +203,58 @@ def _length_batches(pending: list[int], records: list[PromptRecord], batch_size:
     return batches
 
 
-def _save_sample(out: Path, index: int, record: PromptRecord, model, max_new_tokens, eos_token_ids, response, state, start) -> None:
+def _save_sample(out: Path, index: int, record: PromptRecord, model, max_new_tokens, eos_token_ids, response, state, start, extra: dict | None = None) -> None:
+    """Label ``record`` (its response generated now unless given) and write it atomically; ``extra``: more metadata."""
     target = make_target(model, torch.tensor([record.token_ids]), max_new_tokens, eos_token_ids, response, state)
     tensors = {
         "prompt_ids": target["prompt_ids"].to(torch.int32),
         "response_ids": target["response_ids"].to(torch.int32),
         "labels": target["labels"].to(torch.float16).contiguous(),
     }
-    meta = {"id": record.id, "source": record.source, "seconds": f"{time.perf_counter() - start:.2f}", "prompt_sha": _ids_hash(record.token_ids)}
+    meta = {"id": record.id, "source": record.source, "seconds": f"{time.perf_counter() - start:.2f}", "prompt_sha": _ids_hash(record.token_ids), **(extra or {})}
     path = sample_path(out, index)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
 
 
-class TargetDataset:
-    """Read a built data folder. ``split`` is "train", "heldout" or "all" (held out: 1 in ``heldout_every`` by id hash)."""
+CUT_SUFFIX = re.compile(r"(@cut[0-9]+\.[0-9]+)+$")  # what ``data cut`` appends to a sample's id
 
-    def __init__(self, folder: str | Path, split: str = "all", heldout_every: int = 10):
-        self.folder = Path(folder)
-        if not (self.folder / MANIFEST).exists():
-            raise FileNotFoundError(f"{self.folder} is not a data folder (no {MANIFEST}): build one with 'lookaheadkv data build'")
-        self.manifest = json.loads((self.folder / MANIFEST).read_text())
-        paths = sorted((self.folder / "samples").glob("*.safetensors"))
-        if split != "all":
-            want = split == "heldout"
-            paths = [p for p in paths if (self._hash(self._id(p)) % heldout_every == 0) == want]
-        self.paths = paths
+
+def source_id(sample_id: str) -> str:
+    """The id of the sample ``sample_id`` derives from (``"a@cut0.50"`` -> ``"a"``); itself for a built sample."""
+    return CUT_SUFFIX.sub("", sample_id)
+
+
+class TargetDataset:
+    """Read one built data folder, or the union of several (a list, read in the order given).
+
+    ``split`` is "train", "heldout" or "all" (held out: 1 in ``heldout_every`` by the hash of
+    the sample's id). A derived sample (``data cut``: id ``<source id>@cut0.50``) falls in the
+    split of the sample it was cut from, so no held-out prompt is trained on through its cuts.
+    """
+
+    def __init__(self, folder: str | Path | list, split: str = "all", heldout_every: int = 10):
+        folders = [Path(folder)] if isinstance(folder, (str, Path)) else [Path(f) for f in folder]
+        if not folders:
+            raise ValueError("no data folder given: give at least one folder made by 'lookaheadkv data build'")
+        seen = set()
+        for f in folders:
+            if f.resolve() in seen:
+                raise ValueError(f"data folder {f} is given twice: give each folder once")
+            seen.add(f.resolve())
+        self.folders = folders
+        self.folder = folders[0]
+        self.manifests = [read_manifest(f) for f in folders]
+        self.manifest = self.manifests[0]
+        self.paths, self.counts = [], []
+        for f in folders:
+            paths = sorted((f / "samples").glob("*.safetensors"))
+            if split != "all":
+                want = split == "heldout"
+                paths = [p for p in paths if (self._hash(source_id(self._id(p))) % heldout_every == 0) == want]
+            self.paths += paths
+            self.counts.append(len(paths))
 
     @staticmethod
     def _hash(text: str) -> int:
@@ -220,6 +263,14 @@ class TargetDataset:
     @staticmethod
     def _id(path: Path) -> str:
         return read_sample(path, full=False)["id"]
+
+    def spread(self, n: int) -> list[int]:
+        """Indices of ``n`` samples taken from the folders in turn (one folder: ``0 .. n-1``)."""
+        starts = [sum(self.counts[:k]) for k in range(len(self.counts))]
+        picked = []
+        for offset in range(max(self.counts, default=0)):
+            picked += [start + offset for start, count in zip(starts, self.counts) if offset < count]
+        return picked[:n]
 
     def __len__(self) -> int:
         return len(self.paths)

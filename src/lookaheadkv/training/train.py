@@ -5,6 +5,11 @@ prefill of the prompt (the frozen base model), then the n lookahead tokens with 
 over that cache; loss = mean over layers and heads of KL(s_GT || s_pred), both
 L1-normalised over the prompt (docs/method.md, "Training").
 
+The data is one data folder or the union of several (``--data a --data b``, e.g. a built
+folder and its mid-answer cuts, :mod:`.midanswer`). Every checkpoint (and ``final/``) holds
+``data-seen.json``: each folder's path, manifest and sample counts; a resume on another set
+of folders is refused.
+
 Runs as one CPU process by default, and data-parallel under ``torchrun`` or
 ``accelerate launch`` with no change: each rank takes every world-th micro-batch and
 gradients are averaged with an all-reduce before each optimizer step.
@@ -31,6 +36,7 @@ from ..records import append_record, read_records
 from .data import TargetDataset
 
 EPS = 1e-10
+DATA_SEEN = "data-seen.json"
 SHAPE_FIELDS = ("n_lookahead", "rank", "alpha")
 
 
@@ -40,9 +46,12 @@ class TrainingError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Settings of a training run (saved beside its checkpoints)."""
+    """Settings of a training run (saved beside its checkpoints).
 
-    data: str
+    ``data``: one data folder, or a list of folders whose union is trained on (in that order).
+    """
+
+    data: str | list[str]
     out: str
     steps: int = 200
     batch: int = 8  # samples per optimizer step, over all ranks (gradient accumulation)
@@ -65,6 +74,13 @@ class TrainConfig:
             raise ValueError(f"steps and batch must be >= 1 and lr > 0, got {self.steps}, {self.batch}, {self.lr}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if not self.folders:
+            raise ValueError("no data folder given: give --data FOLDER (made by 'lookaheadkv data build')")
+
+    @property
+    def folders(self) -> list[str]:
+        """The data folders, as a list (one for a single ``data``)."""
+        return [str(self.data)] if isinstance(self.data, (str, os.PathLike)) else [str(d) for d in self.data]
 
 
 def kl_loss(pred_mass: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -115,11 +131,24 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def save_checkpoint(folder: Path, modules: LookaheadModules, optimizer: torch.optim.Optimizer, step: int) -> None:
+def data_seen(train_set: TargetDataset, heldout: TargetDataset) -> dict:
+    """What a run trains on: per data folder its path, manifest and train / held-out sample counts."""
+    return {
+        "folders": [
+            {"folder": str(f), "manifest": m, "train_samples": a, "heldout_samples": b}
+            for f, m, a, b in zip(train_set.folders, train_set.manifests, train_set.counts, heldout.counts)
+        ]
+    }
+
+
+def save_checkpoint(folder: Path, modules: LookaheadModules, optimizer: torch.optim.Optimizer, step: int, data: dict | None = None) -> None:
+    """Write the modules, the optimizer state, the step and (``data``) the :func:`data_seen` record, atomically."""
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a crash while it was written: never mix its files with these
     modules.save_pretrained(tmp)
+    if data is not None:
+        (tmp / DATA_SEEN).write_text(json.dumps(data, indent=2) + "\n")
     state = {}
     for i, s in optimizer.state_dict()["state"].items():
         for k, v in s.items():
@@ -149,15 +178,16 @@ def load_checkpoint(folder: Path, model, optimizer_factory) -> tuple[LookaheadMo
 
 
 def train(model, cfg: TrainConfig, *, progress: bool = True) -> LookaheadModules:
-    """Train (or resume training) lookahead modules for ``model`` on ``cfg.data``; returns them."""
+    """Train (or resume training) lookahead modules for ``model`` on ``cfg.data`` (one folder or several); returns them."""
     rank, world = _distributed()
     out = Path(cfg.out)
     checkpoint = out / "checkpoint"
-    train_set = TargetDataset(cfg.data, "train")
-    heldout = TargetDataset(cfg.data, "heldout")
+    train_set = TargetDataset(cfg.folders, "train")
+    heldout = TargetDataset(cfg.folders, "heldout")
     if len(train_set) == 0:
-        raise ValueError(f"{cfg.data} has no training samples yet: run 'lookaheadkv data build' first")
-    heldout_items = [heldout[i] for i in range(min(cfg.eval_samples, len(heldout)))]
+        raise ValueError(f"{', '.join(cfg.folders)} has no training samples yet: run 'lookaheadkv data build' first")
+    heldout_items = [heldout[i] for i in heldout.spread(cfg.eval_samples)]  # from each folder in turn
+    seen = data_seen(train_set, heldout)
 
     def make_optimizer(mods):
         return torch.optim.Adam(mods.parameters(), lr=cfg.lr)
@@ -176,6 +206,7 @@ def train(model, cfg: TrainConfig, *, progress: bool = True) -> LookaheadModules
     if resume.exists():
         modules, optimizer, start = load_checkpoint(resume, model, make_optimizer)
         _check_same_shape(modules, cfg, resume)
+        _check_same_data(resume, seen)
     elif warm is not None:
         modules = LookaheadModules.from_pretrained(warm, device=model.device)
         _check_same_shape(modules, cfg, warm)
@@ -225,13 +256,14 @@ def train(model, cfg: TrainConfig, *, progress: bool = True) -> LookaheadModules
         if rank == 0:
             append_record(out / "log.jsonl", record)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(checkpoint, modules, optimizer, step + 1)
+                save_checkpoint(checkpoint, modules, optimizer, step + 1, seen)
         bar.update(step + 1, record)
     bar.close()
     if rank == 0:
         from .report import plot_log
 
         modules.save_pretrained(out / "final")
+        (out / "final" / DATA_SEEN).write_text(json.dumps(seen, indent=2) + "\n")
         plot_log(out)
     return modules
 
@@ -241,6 +273,19 @@ def _check_same_shape(modules: LookaheadModules, cfg: TrainConfig, folder: Path)
     diffs = [f"{k}={getattr(modules.config, k)} (asked: {getattr(cfg, k)})" for k in SHAPE_FIELDS if getattr(modules.config, k) != getattr(cfg, k)]
     if diffs:
         raise TrainingError(f"{folder} was trained with {', '.join(diffs)}: resume with the same settings or use a new --out folder")
+
+
+def _check_same_data(folder: Path, seen: dict) -> None:
+    """Refuse to resume a checkpoint trained on other data folders (compared by their manifests, in order)."""
+    path = folder / DATA_SEEN
+    if not path.exists():
+        return  # a checkpoint saved before the data was recorded
+    old = json.loads(path.read_text())["folders"]
+    if [f["manifest"] for f in old] != [f["manifest"] for f in seen["folders"]]:
+        was, asked = " ".join(f["folder"] for f in old), " ".join(f["folder"] for f in seen["folders"])
+        if was == asked:
+            raise TrainingError(f"{folder} was trained on --data {was}, whose manifest has changed since (built again with other settings): use a new --out folder")
+        raise TrainingError(f"{folder} was trained on --data {was} (asked: {asked}): resume with the same data folders in the same order, or use a new --out folder")
 
 
 def _truncate_log(path: Path, step: int) -> None:
