@@ -200,7 +200,9 @@ def plot_memory(rows, model, method, budgets, path: Path) -> Path | None:
     for b in budgets:
         r = next((r for r in rows if r["id"] == full["id"] and r["method"] == method and r["decode_budget"] == b), None)
         if r is not None:
-            ax.plot(np.array(r["entries"]) * per_entry, label=f"{method}, decode budget {b}")
+            line = ax.plot(np.array(r["entries"]) * per_entry, label=f"{method}, decode budget {b}")[0]
+            if b == min(budgets):  # what eviction at prefill only keeps: the budget, then one entry per token (arithmetic)
+                ax.plot((b + np.arange(len(full["entries"]))) * per_entry, ls="--", color=line.get_color(), label=f"prefill-only eviction at {b} (no decode budget; computed)")
     ax.set(xlabel="generated tokens", ylabel="KV cache (MiB)", title=f"KV memory while decoding ({full['id']})")
     ax.legend()
     fig.tight_layout()
