@@ -35,6 +35,11 @@ def test_long_prompts_fit_2k_tokens_and_are_checkable_where_promised(smollm2, ta
     else:
         assert sample.metric == "fidelity" and sample.answers == []
     assert make_long_sample(task, tokenizer, 2048, seed=0, index=1).prompt_ids == sample.prompt_ids  # deterministic
+    chat = tokenizer.apply_chat_template(sample.messages, add_generation_prompt=True, tokenize=False)
+    if task == "long_arithmetic":  # a few-shot completion prompt: the raw text, no chat turns
+        assert sample.prompt_ids == tokenizer(text)["input_ids"] and sample.meta["chat"] is False
+    else:
+        assert sample.prompt_ids == tokenizer(chat, add_special_tokens=False)["input_ids"] and sample.meta["chat"] is True
 
 
 def test_long_generation_script_at_a_tiny_shape(smollm2, tmp_path):

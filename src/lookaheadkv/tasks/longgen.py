@@ -24,6 +24,10 @@ from lookaheadkv.tasks.sample import Sample
 from lookaheadkv.tasks.suite import _fit, sample_id, sample_seed
 from lookaheadkv.tasks.text import SplitPools, draw_keys, draw_number, essay_stream, insert_at_depths, split_pools, take_words
 
+RAW_TASKS = frozenset({"long_arithmetic"})
+"""Few-shot completion prompts, given as raw text (as few-shot prompts are run by lm-eval): in the chat
+template SmolLM2-135M answers the step-by-step sums with the total alone (14 tokens), as raw text it
+continues the worked examples' steps, which is the long, checkable answer the task is for."""
 LONG_TASKS = ("long_summary", "long_extraction", "long_arithmetic", "long_continuation")
 CHECKABLE = ("long_extraction", "long_arithmetic")
 
@@ -117,7 +121,8 @@ def make_long_sample(task: str, tokenizer: Any, target_tokens: int = 2048, seed:
         raise KeyError(f"unknown long-generation task {task!r}; choose from {', '.join(LONG_TASKS)}")
     rng = random.Random(sample_seed("eval", task, target_tokens, seed, index))
     draft = _BUILDERS[task](rng, split_pools("eval"), target_tokens)
-    context, messages, prompt_ids = _fit(draft, tokenizer, target_tokens)
+    chat = task not in RAW_TASKS
+    context, messages, prompt_ids = _fit(draft, tokenizer, target_tokens, chat=chat)
     return Sample(
         id=sample_id("eval", task, target_tokens, seed, index),
         task=task,
@@ -132,6 +137,7 @@ def make_long_sample(task: str, tokenizer: Any, target_tokens: int = 2048, seed:
         prompt_ids=prompt_ids,
         n_tokens=len(prompt_ids),
         max_new_tokens=max_new_tokens,
+        meta={"chat": chat},
     )
 
 

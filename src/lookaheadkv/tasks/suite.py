@@ -34,8 +34,11 @@ def sample_id(split: str, task: str, target_tokens: int, seed: int, index: int) 
     return f"{split}/{task}/{target_tokens}/seed{seed}/{index}"
 
 
-def _fit(draft: Draft, tokenizer: Any, target_tokens: int) -> tuple[str, list[dict], list[int]]:
+def _fit(draft: Draft, tokenizer: Any, target_tokens: int, chat: bool = True) -> tuple[str, list[dict], list[int]]:
     """Find the haystack size whose prompt comes closest to ``target_tokens``.
+
+    ``chat``: the prompt is the chat template around the user turn (default), or its raw text
+    (:func:`encode_prompt`).
 
     Grows the size geometrically until the prompt exceeds the target, then bisects.
 
@@ -55,7 +58,7 @@ def _fit(draft: Draft, tokenizer: Any, target_tokens: int) -> tuple[str, list[di
         if size not in measured:
             context = draft.render(size)
             messages = [{"role": "user", "content": draft.user_message(context)}]
-            measured[size] = (context, messages, encode_prompt(tokenizer, messages))
+            measured[size] = (context, messages, encode_prompt(tokenizer, messages, chat=chat))
         return len(measured[size][2])
 
     cap = draft.max_size if draft.max_size is not None else target_tokens
