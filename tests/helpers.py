@@ -211,3 +211,40 @@ def randomize_lora_b(modules, *, seed: int = 0, std: float = 0.05) -> None:
     with torch.no_grad():
         for b in modules.lora_B.values():
             b.copy_(torch.randn(b.shape, generator=g) * std)
+
+
+def decode_policy(name: str, model, budget):
+    """A policy with a decode-time scorer, as the decode-budget tests build them: LookaheadKV with
+    tiny random modules (LoRA B randomised, so the adapters act), SnapKV with a small window."""
+    from lookaheadkv.lookahead import LookaheadModules
+    from lookaheadkv.policies import make_policy
+
+    kwargs = {}
+    if name == "lookahead":
+        modules = LookaheadModules.for_model(model, seed=3, n_lookahead=8)
+        randomize_lora_b(modules, seed=3)
+        kwargs["modules"] = modules
+    if name == "snapkv":
+        kwargs.update(window=4, kernel=3)
+    return make_policy(name, budget=budget, **kwargs)
+
+
+def invoke(*args: str):
+    """The CLI run in-process (typer's CliRunner)."""
+    from typer.testing import CliRunner
+
+    from lookaheadkv.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def one_error_line(result, *needles: str, code: int = 2) -> str:
+    """A CLI result that failed with exactly one ``error:`` line holding every needle, and no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, lines
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from helpers import hf_greedy_tokens, random_ids, single_thread, tiny_for_tokenizer  # noqa: F401  (autouse fixture)
-from lookaheadkv.cli import app
+from helpers import hf_greedy_tokens, invoke, one_error_line, random_ids, single_thread, tiny_for_tokenizer  # noqa: F401  (autouse fixture)
 from lookaheadkv.engine.evict import parse_budget
 from lookaheadkv.engine.generate import generate, generate_ids
 from lookaheadkv.lookahead import LookaheadModules
@@ -30,21 +28,6 @@ from lookaheadkv.policies import REGISTRY, SnapKV, make_policy
 from lookaheadkv.records import append_record, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
-
-
-def one_error_line(result, *needles: str, code: int = 2) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1, lines
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -398,3 +381,17 @@ def test_api_misuse_raises_clear_errors(small):
         SnapKV(budget="0.5")
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_ids(model, torch.tensor([[5, 6]]), SnapKV(budget=8), max_new_tokens=2.5)
+
+
+def test_index_ranges_are_read_once_for_data_build_and_cut(capsys):
+    import typer
+
+    from lookaheadkv.cli import parse_index_range
+
+    assert parse_index_range(None, 40) == (0, 40)
+    assert parse_index_range("8-20", 40) == (8, 20)
+    for bad in ("20-8", "5-5", "-1-4", "a-b", "7"):
+        with pytest.raises(typer.Exit) as exit_:
+            parse_index_range(bad, 40)
+        assert exit_.value.exit_code == 2
+        assert capsys.readouterr().err.startswith("error: --range takes FIRST-END")

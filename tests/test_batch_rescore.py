@@ -14,14 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import ARCHS, random_ids, randomize_lora_b, single_thread  # noqa: F401  (single_thread is an autouse fixture)
+from helpers import ARCHS, decode_policy, random_ids, single_thread  # noqa: F401  (single_thread is an autouse fixture)
 from lookaheadkv.engine.batch_rescore import decode_budgeted_batch
 from lookaheadkv.engine.cache import gather
 from lookaheadkv.engine.decode import decode
 from lookaheadkv.engine.rescore import BudgetedDecoding, DecodeBudget, decode_scorer
-from lookaheadkv.lookahead import LookaheadModules
 from lookaheadkv.models import tiny_model
-from lookaheadkv.policies import SharedPrefill, make_policy
+from lookaheadkv.policies import SharedPrefill
 
 LENGTH, STEPS = 60, 40
 NAMES = ["streamingllm", "snapkv", "h2o", "tova", "random", "lookahead"]
@@ -29,17 +28,7 @@ NEVER = 200  # above the prompt plus the answer: never re-scored
 
 
 def policies(model, names=NAMES) -> dict:
-    out = {}
-    for name in names:
-        kwargs = {}
-        if name == "lookahead":
-            modules = LookaheadModules.for_model(model, seed=3, n_lookahead=8)
-            randomize_lora_b(modules, seed=3)
-            kwargs["modules"] = modules
-        if name == "snapkv":
-            kwargs.update(window=4, kernel=3)
-        out[name] = make_policy(name, budget=NEVER, **kwargs)
-    return out
+    return {name: decode_policy(name, model, NEVER) for name in names}
 
 
 def make_runs(model, shared, specs):

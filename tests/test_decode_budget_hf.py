@@ -17,11 +17,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import ARCHS, hf_prefill, random_ids, randomize_lora_b, reference_mode, single_thread  # noqa: F401
+from helpers import ARCHS, decode_policy, hf_prefill, random_ids, reference_mode, single_thread  # noqa: F401
 from lookaheadkv import evicting, pipeline
 from lookaheadkv.engine.generate import generate_ids
 from lookaheadkv.engine.rescore import DecodeBudget
-from lookaheadkv.lookahead import LookaheadModules
 from lookaheadkv.models import tiny_model
 from lookaheadkv.policies import make_policy
 
@@ -32,14 +31,7 @@ SCORED = ["h2o", "lookahead", "snapkv", "streamingllm", "tova"]
 
 
 def build(name: str, model, budget=PREFILL_BUDGET):
-    kwargs = {}
-    if name == "lookahead":
-        modules = LookaheadModules.for_model(model, seed=3, n_lookahead=8)
-        randomize_lora_b(modules, seed=3)
-        kwargs["modules"] = modules
-    if name == "snapkv":
-        kwargs.update(window=4, kernel=3)
-    return make_policy(name, budget=budget, **kwargs)
+    return decode_policy(name, model, budget)
 
 
 def hf_generate(model, ids, max_new_tokens=NEW, **kwargs):

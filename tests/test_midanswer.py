@@ -24,10 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from helpers import attention_probs, hf_greedy_tokens, single_thread  # noqa: F401  (autouse fixture)
-from lookaheadkv.cli import app
+from helpers import attention_probs, hf_greedy_tokens, invoke, one_error_line, single_thread  # noqa: F401  (autouse fixture)
 from lookaheadkv.lookahead import LookaheadModules
 from lookaheadkv.models import tiny_model
 from lookaheadkv.training.data import PromptRecord, TargetDataset, build, read_sample, sample_path, source_id
@@ -225,21 +223,6 @@ def test_interrupted_cut_resumes_to_the_same_files(tmp_path, source, cut_dir, mo
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
-
-
-def one_error_line(result, *needles: str, code: int = 2) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1, lines
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
 
 
 def test_cli_cut_writes_what_the_api_writes(tmp_path, source, cut_dir):

@@ -285,13 +285,7 @@ def data_build(
     else:
         prompts = sources.mixture(tokenizer, parse_sizes(source, "--source"), parse_range(lengths, "--lengths"), seed)
     records = [PromptRecord(p.id, p.source, sources.render(p, tokenizer, max_prompt_tokens)) for p in prompts]
-    low, high = 0, len(records)
-    if index_range is not None:
-        try:
-            low, high = (int(x) for x in index_range.split("-"))
-            assert 0 <= low < high
-        except (ValueError, AssertionError):
-            fail(f"--range takes FIRST-END with 0 <= FIRST < END, e.g. 0-800, got {index_range!r}")
+    low, high = parse_index_range(index_range, len(records))
     mine = [i for i in range(low, min(high, len(records))) if i % count == index]
     if not mine:
         fail(f"--range {index_range} holds none of the {len(records)} prompts: choose a range below {len(records)}")
@@ -336,13 +330,7 @@ def data_cut(
     numbers = source_numbers(source)
     if not numbers:
         fail(f"{source} holds no samples yet: run 'lookaheadkv data build' first")
-    low, high = 0, numbers[-1] + 1
-    if index_range is not None:
-        try:
-            low, high = (int(x) for x in index_range.split("-"))
-            assert 0 <= low < high
-        except (ValueError, AssertionError):
-            fail(f"--range takes FIRST-END with 0 <= FIRST < END, e.g. 0-800, got {index_range!r}")
+    low, high = parse_index_range(index_range, numbers[-1] + 1)
     mine = [n for n in numbers if low <= n < high]
     if not mine:
         fail(f"--range {index_range} holds none of the {len(numbers)} samples of {source} (numbered {numbers[0]} to {numbers[-1]}): choose another range")
@@ -577,6 +565,18 @@ def evaluate(
     if not report_only:
         check_methods_usable(llm, method_list, options)
     run_eval(llm, tokenizer, suite, method_list, budget_list, out, options, report_only, keep_errors, shard=shard_pair)
+
+
+def parse_index_range(text: Optional[str], end: int) -> tuple[int, int]:
+    """--range FIRST-END (0 <= FIRST < END) as (first, end); (0, end) when not given."""
+    if text is None:
+        return 0, end
+    try:
+        low, high = (int(x) for x in text.split("-"))
+        assert 0 <= low < high
+    except (ValueError, AssertionError):
+        fail(f"--range takes FIRST-END with 0 <= FIRST < END, e.g. 0-800, got {text!r}")
+    return low, high
 
 
 def parse_shard(text: Optional[str]) -> tuple[int, int] | None:
