@@ -135,11 +135,11 @@ def test_a_decode_budget_reserves_the_peak_and_never_grows(name):
     run = BudgetedDecoding(model, selection.cache, selection.kept, 100, budget, decode_scorer(policy, model), observer=selection.observer)
     peak = 34 + (8 if name == "lookahead" else 0)
     assert [layer.capacity for layer in selection.cache.layers] == [peak] * model.config.num_hidden_layers
-    storage = [layer.keys.data_ptr() for layer in selection.cache.layers]
+    before = [layer.keys for layer in selection.cache.layers]  # held: their storage cannot be freed and its address reused
     tokens = decode(model, selection.cache, selection.logits, 100, 3 * NEW, observers=run.observers(), after_step=run.after_step)
     assert len(run.record.rescorings) >= 10 and run.record.peak == 34
     assert [layer.capacity for layer in selection.cache.layers] == [peak] * model.config.num_hidden_layers  # no layer grew
-    assert all(layer.keys.data_ptr() != p for layer, p in zip(selection.cache.layers, storage))  # re-scorings copied into fresh room
+    assert all(layer.keys.data_ptr() != old.data_ptr() for layer, old in zip(selection.cache.layers, before))  # re-scorings copied into fresh room
     assert tokens == generate_ids(model, ids, make_policy(name, budget=40, **kwargs), max_new_tokens=3 * NEW, decode_budget=budget)[0]
 
 
