@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--plot-method", default="lookahead", help="the method whose memory curves are drawn beside the full cache")
+    p.add_argument("--shard", default=None, help="i/n: only the prompts whose number within their task is i mod n (n processes, each with its own --out; then merge_shards)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--no-batch", action="store_true", help="decode each (method, decode budget) alone, one after the other (slower; the same tokens)")
     return p.parse_args(argv)
@@ -172,6 +173,36 @@ def report(rows, methods, budgets) -> str:
     return "\n".join(lines) + "\n"
 
 
+def in_shard(samples, shard: str | None):
+    """The samples of shard ``i/n``: those whose number within their task (the id's last part) is i mod n."""
+    if shard is None:
+        return samples
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: --shard takes i/n with 0 <= i < n (e.g. 0/2), got {shard!r}") from None
+    return [s for s in samples if int(s.id.rsplit("/", 1)[1]) % count == index]
+
+
+def merge_shards(out: Path, others: list[Path]) -> int:
+    """Append to ``out``'s results (and provenance) the rows of other shards' folders that ``out`` lacks; returns how many."""
+    have = {(r["id"], r["method"], r["decode_budget"]) for r in read_records(out / "results.jsonl")}
+    added = 0
+    for folder in others:
+        for r in read_records(folder / "results.jsonl"):
+            if (r["id"], r["method"], r["decode_budget"]) not in have:
+                append_record(out / "results.jsonl", r)
+                have.add((r["id"], r["method"], r["decode_budget"]))
+                added += 1
+        if (folder / "runs.jsonl").exists():
+            known = read_records(out / "runs.jsonl") if (out / "runs.jsonl").exists() else []
+            for r in read_records(folder / "runs.jsonl"):
+                if r not in known:
+                    append_record(out / "runs.jsonl", r)
+    return added
+
+
 def provenance(path: Path) -> str:
     """The report's last lines: the runs (and restarts) that wrote results.jsonl."""
     if not path.exists():
@@ -224,6 +255,7 @@ def main(argv=None) -> str:
         append_record(args.out / "runs.jsonl", {"environment": environment(args.model or "bundled:smollm2-135m-instruct", model)})
         policies = build_policies(methods, args.modules, max(budgets))
         samples = make_long_suite(tokenizer, args.prompts_per_task, args.length, args.seed, args.tasks.split(","), args.max_new_tokens)
+        samples = in_shard(samples, args.shard)
         for i, sample in enumerate(samples):
             done = read_records(path) if path.exists() else []
             run_sample(model, tokenizer, sample, policies, budgets, args, done, path)

@@ -98,3 +98,23 @@ def test_long_generation_batched_equals_one_at_a_time(smollm2, tmp_path):
         assert [r[0] for r in b["rescorings"]] == [r[0] for r in a["rescorings"]], key(b)
         assert b["batch_rows"] == (1 if b["method"] == "full" else 15) and a["batch_rows"] == 1
     assert any(r["rescorings"] for r in batched) and not any(r["rescorings"] for r in batched if r["decode_budget"] == 2000)
+
+
+def test_shards_split_the_prompts_and_merge_back(smollm2, tmp_path):
+    from lookaheadkv.records import append_record
+
+    script = load_script()
+    _, tokenizer = smollm2
+    samples = [make_long_sample(t, tokenizer, 1024, seed=0, index=i, max_new_tokens=4) for i in range(3) for t in ("long_summary", "long_continuation")]
+    parts = [script.in_shard(samples, f"{i}/2") for i in range(2)]
+    assert sorted(s.id for p in parts for s in p) == sorted(s.id for s in samples) and not {s.id for s in parts[0]} & {s.id for s in parts[1]}
+    assert {s.id.rsplit("/", 1)[1] for s in parts[1]} == {"1"}  # balanced over the tasks, not by task
+    with pytest.raises(SystemExit, match="--shard takes i/n"):
+        script.in_shard(samples, "2/2")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    row = {"id": "x/0", "method": "full", "decode_budget": 0}
+    append_record(a / "results.jsonl", row)
+    append_record(b / "results.jsonl", row)
+    append_record(b / "results.jsonl", {**row, "id": "x/1"})
+    assert script.merge_shards(a, [b]) == 1 and [r["id"] for r in read_records(a / "results.jsonl")] == ["x/0", "x/1"]
