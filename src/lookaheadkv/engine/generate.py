@@ -13,7 +13,7 @@ from .cache import gather, kv_bytes, lengths
 from .decode import Sampling, decode
 from .evict import select
 from .prefill import Prefill, check_input_ids, prefill
-from .rescore import BudgetedDecoding, DecodeBudget, DecodeRecord, decode_scorer
+from .rescore import BudgetedDecoding, DecodeBudget, DecodeRecord, as_decode_budget, decode_scorer
 
 
 @dataclass
@@ -183,16 +183,15 @@ def generate_ids(
     sampling: Sampling = Sampling(),
     eos_token_ids=(),
     on_token: Callable[[int], None] | None = None,
-    decode_budget: DecodeBudget | None = None,
+    decode_budget: DecodeBudget | int | None = None,
 ) -> tuple[list[int], Stats, list[torch.Tensor] | None]:
     """Token-level pipeline: prefill ``input_ids`` (1, L), evict with ``policy``, decode.
 
-    ``decode_budget`` (:class:`engine.rescore.DecodeBudget`) also holds the cache under a budget
+    ``decode_budget`` (:class:`engine.rescore.DecodeBudget`, or an int ``n`` for ``DecodeBudget(n)``) also holds the cache under a budget
     while decoding, re-scored by the policy's decode-time scorer; ``stats.decode_eviction`` says what it did.
     """
     check_max_new_tokens(max_new_tokens)
-    if decode_budget is not None and not isinstance(decode_budget, DecodeBudget):
-        raise TypeError(f"decode_budget must be a DecodeBudget (e.g. DecodeBudget(256, interval=32)), got {decode_budget!r}")
+    decode_budget = as_decode_budget(decode_budget)
     scorer = None if decode_budget is None else decode_scorer(policy, model)  # refused before any prefill
     selection = select_kv(model, input_ids, policy, max_new_tokens=max_new_tokens, cap=None if decode_budget is None else decode_budget.budget)
     stats = selection.stats

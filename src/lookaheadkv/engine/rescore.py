@@ -84,6 +84,15 @@ class DecodeBudget:
         return min(self.recent, self.budget // 2)
 
 
+def as_decode_budget(decode_budget) -> DecodeBudget | None:
+    """``decode_budget`` as a :class:`DecodeBudget` (an int ``n`` means ``DecodeBudget(n)``), None for None, or a one-line ``TypeError``."""
+    if decode_budget is None or isinstance(decode_budget, DecodeBudget):
+        return decode_budget
+    if isinstance(decode_budget, int) and not isinstance(decode_budget, bool):
+        return DecodeBudget(decode_budget)
+    raise TypeError(f"decode_budget must be a DecodeBudget (e.g. DecodeBudget(256, interval=32)) or a whole number of entries, got {decode_budget!r}")
+
+
 @dataclass
 class CacheView:
     """What a decode-time scorer sees at a re-scoring."""

@@ -49,16 +49,7 @@ from ..engine.cache import copy_cache, stack_caches
 from ..engine.decode import Sampling, decode
 from ..engine.generate import Generation, Selection, check_max_new_tokens, check_policy, eos_ids, select_kv
 from ..engine.prefill import forward_rows
-from ..engine.rescore import BudgetedDecoding, DecodeBudget, decode_scorer
-
-
-def check_decode_budget(decode_budget) -> DecodeBudget | None:
-    """``decode_budget`` as a :class:`DecodeBudget` (an int ``n`` means ``DecodeBudget(n)``), None for None, or a one-line ``TypeError``."""
-    if decode_budget is None or isinstance(decode_budget, DecodeBudget):
-        return decode_budget
-    if isinstance(decode_budget, int) and not isinstance(decode_budget, bool):
-        return DecodeBudget(decode_budget)
-    raise TypeError(f"decode_budget must be a DecodeBudget (e.g. DecodeBudget(256, interval=32)) or a whole number of entries, got {decode_budget!r}")
+from ..engine.rescore import BudgetedDecoding, DecodeBudget, as_decode_budget, decode_scorer
 
 
 class EvictedCache(DynamicCache):
@@ -231,7 +222,7 @@ def evicting(model: torch.nn.Module, policy, *, decode_budget: DecodeBudget | in
     """
     if policy is not None:
         check_policy(policy)
-    decode_budget = check_decode_budget(decode_budget)
+    decode_budget = as_decode_budget(decode_budget)
     if decode_budget is not None:
         decode_scorer(policy, model)  # refused here, before any forward (each prompt gets a fresh scorer)
     if getattr(model.forward, "__lookaheadkv_evicting__", False):
@@ -280,7 +271,7 @@ class EvictionPipeline:
         if policy is not None:
             check_policy(policy)
         self.model, self.tokenizer, self.policy, self.chat = model, tokenizer, policy, chat
-        self.decode_budget = check_decode_budget(decode_budget)
+        self.decode_budget = as_decode_budget(decode_budget)
         if self.decode_budget is not None:
             decode_scorer(policy, model)  # refused here, before any forward (each question gets a fresh scorer)
 
