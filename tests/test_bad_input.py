@@ -328,8 +328,11 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch):
     assert result.stderr.strip().splitlines() == ["interrupted (Ctrl-C); rerun the same command to resume where it applies"]
 
 
-@pytest.mark.parametrize("delay", [0.5, 2.0])
+@pytest.mark.parametrize("delay", [0.3, 0.6, 1.0, 2.0, 3.0])
 def test_sigint_in_the_first_seconds(tmp_path, delay):
+    """Wherever the Ctrl-C lands (imports, typer's parsing, dataclasses built by ``exec`` inside
+    transformers, loading, decoding), the command ends in one line and exit 130, never in a
+    traceback or a death by SIGINT (-2)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "lookaheadkv.cli", "generate", "--prompt", "hi", "--max-new-tokens", "64"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,

@@ -41,6 +41,16 @@ def os_error_line(err: OSError) -> str:
     return f"{what}{where}: {hint}"
 
 
+_INTERRUPT_SAID = []
+
+
+def say_interrupted(once: bool = False) -> None:
+    """The one line a Ctrl-C ends in; ``once``: only if no layer below has said it."""
+    if not (once and _INTERRUPT_SAID):
+        _INTERRUPT_SAID.append(True)
+        print("interrupted (Ctrl-C); rerun the same command to resume where it applies", file=sys.stderr, flush=True)
+
+
 def friendly(fn):
     """Turn library errors caused by the user's input into one line and exit code 2 (Ctrl-C: 130)."""
 
@@ -51,7 +61,7 @@ def friendly(fn):
         except typer.Exit:
             raise
         except KeyboardInterrupt:
-            typer.echo("interrupted (Ctrl-C); rerun the same command to resume where it applies", err=True)
+            say_interrupted()
             raise typer.Exit(130)
         except USER_ERRORS as err:
             if isinstance(err, OSError) and err.filename is not None:  # FileNotFoundError from the OS
@@ -642,19 +652,42 @@ def bench(ctx: typer.Context):
     run(ctx.args)
 
 
-def main() -> None:
-    try:
-        from transformers.utils import logging as hf_logging
-    except KeyboardInterrupt:
-        print("interrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, raised by our own SIGINT handler.
 
-    hf_logging.disable_progress_bar()  # keep the output to the answer, our bars and one-line errors
+    A subclass on purpose: CPython remembers a plain ``KeyboardInterrupt`` that leaves a code
+    object run by ``exec`` (dataclasses and transformers build functions that way while they
+    import) and then ends the process by SIGINT (exit -2) even after we handled it and asked
+    for 130. It checks the exact type, so a subclass keeps the exit code ours.
+    """
+
+
+def _on_sigint(signum, frame):
+    raise Interrupted
+
+
+def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, _on_sigint)
+    code = 0
     try:
-        app()
-    except KeyboardInterrupt:  # outside a command's own handling (e.g. while typer parses)
-        print("interrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # keep the output to the answer, our bars and one-line errors
+            app()
+        except KeyboardInterrupt:  # outside a command's own handling (e.g. while importing)
+            code = 130
+        except SystemExit as done:
+            code = done.code  # typer turns a Ctrl-C while it parses into a silent exit 130
+        if code == 130:
+            say_interrupted(once=True)
+    finally:
+        # The command has finished (or was interrupted and said so): a Ctrl-C while the
+        # interpreter shuts down must not replace its exit code with a death by SIGINT.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
