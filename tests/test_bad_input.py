@@ -398,3 +398,31 @@ def test_index_ranges_are_read_once_for_data_build_and_cut(capsys):
             parse_index_range(bad, 40)
         assert exit_.value.exit_code == 2
         assert capsys.readouterr().err.startswith("error: --range takes FIRST-END")
+
+
+def test_data_build_only_some_sources_keeps_every_index(tiny_folder, tmp_path):
+    """``--only`` builds one source's prompts at the indices a full build gives them: the later
+    run without it builds the rest and leaves the first files byte for byte as they were."""
+    from safetensors import safe_open
+
+    out = tmp_path / "data"
+    args = ["data", "build", "--model", str(tiny_folder), "--out", str(out), "--source", "synthetic=3,fewshot=3",
+            "--lengths", "512,700", "--max-new-tokens", "2", "--threads", "1"]  # fmt: skip
+    one_error_line(invoke(*args, "--only", "essays"), "--only takes names among", "fewshot, synthetic")
+    assert invoke(*args, "--only", "fewshot").exit_code == 0
+
+    def sources(folder):
+        found = {}
+        for path in sorted((folder / "samples").glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                found[path.name] = f.metadata()["source"]
+        return found
+
+    first = sources(out)
+    assert sorted(first.values()) == ["fewshot"] * 3
+    kept = {name: (out / "samples" / name).read_bytes() for name in first}
+    assert invoke(*args).exit_code == 0
+    everything = sources(out)
+    assert sorted(everything.values()) == ["fewshot"] * 3 + ["synthetic"] * 3
+    assert {name: everything[name] for name in first} == first
+    assert all((out / "samples" / name).read_bytes() == data for name, data in kept.items())
