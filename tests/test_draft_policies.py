@@ -132,3 +132,16 @@ def test_oracle_scores_are_the_full_answers_attention(arch):
         torch.testing.assert_close(s, ref, atol=1e-5, rtol=0)
     kept = select(scores, [BUDGET] * len(scores))
     assert all(k.shape == (kv_heads, BUDGET) for k in kept)
+
+
+def test_speckv_keeps_the_draft_name_and_loads_it_once(monkeypatch):
+    import lookaheadkv.models
+
+    model = tiny_model("llama", seed=5)
+    draft = tiny_model("llama", seed=9, num_hidden_layers=2)
+    loads = []
+    monkeypatch.setattr(lookaheadkv.models, "load_model", lambda name, device=None, **kw: (loads.append(name), (draft, None))[1])
+    spec = SpecKV(budget=BUDGET, draft="org/small-draft")
+    assert spec.draft_model(model) is draft and spec.draft_model(model) is draft
+    assert loads == ["org/small-draft"]
+    assert spec.draft == "org/small-draft" and spec.draft_name == "org/small-draft"

@@ -492,3 +492,26 @@ def test_lookahead_without_modules_says_how_to_get_them():
     model = tiny_model("llama", seed=4)
     with pytest.raises(ModulesError, match="needs trained modules"):
         generate_ids(model, random_ids(20), LookaheadKV(budget=8), max_new_tokens=1)
+
+
+def test_a_policy_keeps_its_modules_setting_and_loads_a_folder_once(tmp_path, monkeypatch):
+    """``modules`` stays what the user gave (a folder), so records and reprs name it; the
+    folder is read once, and a new folder assigned later is the one used."""
+    model = tiny_model("llama", seed=4)
+    first = make_modules(model, seed=31).save_pretrained(tmp_path / "a")
+    second = make_modules(model, seed=32).save_pretrained(tmp_path / "b")
+    ids = random_ids(50, seed=33)
+    state = prefill(model, ids)
+    policy = LookaheadKV(budget=10, modules=str(first))
+    loads = []
+    real = LookaheadModules.from_pretrained
+    monkeypatch.setattr(LookaheadModules, "from_pretrained", classmethod(lambda cls, *a, **k: (loads.append(a[0]), real(*a, **k))[1]))
+    a1 = policy.scores(model, state, None)
+    a2 = policy.scores(model, state, None)
+    assert policy.modules == str(first) and loads == [str(first)]
+    assert all(torch.equal(x, y) for x, y in zip(a1, a2))
+    policy.modules = str(second)
+    b = policy.scores(model, state, None)
+    reference = LookaheadKV(budget=10, modules=real(second)).scores(model, state, None)
+    assert all(torch.equal(x, y) for x, y in zip(b, reference))
+    assert not all(torch.equal(x, y) for x, y in zip(a1, b)), "two module sets should score differently"

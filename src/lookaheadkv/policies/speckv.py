@@ -61,6 +61,7 @@ class SpecKV(Policy):
         super().__post_init__()
         if isinstance(self.draft, type) or (self.draft is not None and not isinstance(self.draft, (str, torch.nn.Module))):
             raise TypeError(f"draft must be a loaded causal LM, a hub id or a folder, or None (self-draft), got {self.draft!r}")
+        self._loaded = None  # (name, device) -> the draft model loaded from ``draft`` when it is a name
 
     @property
     def draft_name(self) -> str | None:
@@ -81,16 +82,20 @@ class SpecKV(Policy):
     def draft_model(self, model):
         if self.draft is None:
             return model
-        if isinstance(self.draft, str):
-            from ..models import load_model
+        drafter = self.draft
+        if isinstance(drafter, str):
+            key = (drafter, str(model.device))
+            if self._loaded is None or self._loaded[0] != key:
+                from ..models import load_model
 
-            self.draft, _ = load_model(self.draft, device=model.device)
-        if self.draft.config.vocab_size != model.config.vocab_size:
+                self._loaded = (key, load_model(drafter, device=model.device)[0])
+            drafter = self._loaded[1]
+        if drafter.config.vocab_size != model.config.vocab_size:
             raise ValueError(
-                f"the draft model's vocabulary ({self.draft.config.vocab_size}) differs from the target's "
+                f"the draft model's vocabulary ({drafter.config.vocab_size}) differs from the target's "
                 f"({model.config.vocab_size}): SpecKV needs a draft with the same tokenizer"
             )
-        return self.draft
+        return drafter
 
     @torch.no_grad()
     def draft_tokens(self, model, state) -> list[int]:
