@@ -39,6 +39,7 @@ from lookaheadkv.engine.decode import decode
 from lookaheadkv.engine.generate import eos_ids
 from lookaheadkv.engine.rescore import BudgetedDecoding, DecodeBudget, decode_scorer
 from lookaheadkv.evaluation.metrics import bootstrap_ci, rouge_l, score_sample, token_f1
+from lookaheadkv.evaluation.runner import shard_from_text
 from lookaheadkv.models import load_model
 from lookaheadkv.policies import SharedPrefill, make_policy
 from lookaheadkv.records import append_record, read_records
@@ -178,10 +179,9 @@ def in_shard(samples, shard: str | None):
     if shard is None:
         return samples
     try:
-        index, count = (int(x) for x in shard.split("/"))
-        assert 0 <= index < count
-    except (ValueError, AssertionError):
-        raise SystemExit(f"error: --shard takes i/n with 0 <= i < n (e.g. 0/2), got {shard!r}") from None
+        index, count = shard_from_text(shard)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     return [s for s in samples if int(s.id.rsplit("/", 1)[1]) % count == index]
 
 

@@ -496,7 +496,7 @@ def test_lookahead_without_modules_says_how_to_get_them():
 
 def test_a_policy_keeps_its_modules_setting_and_loads_a_folder_once(tmp_path, monkeypatch):
     """``modules`` stays what the user gave (a folder), so records and reprs name it; the
-    folder is read once, and a new folder assigned later is the one used."""
+    folder is read once (copies at other budgets included), and a new folder assigned later is the one used."""
     model = tiny_model("llama", seed=4)
     first = make_modules(model, seed=31).save_pretrained(tmp_path / "a")
     second = make_modules(model, seed=32).save_pretrained(tmp_path / "b")
@@ -510,6 +510,8 @@ def test_a_policy_keeps_its_modules_setting_and_loads_a_folder_once(tmp_path, mo
     a2 = policy.scores(model, state, None)
     assert policy.modules == str(first) and loads == [str(first)]
     assert all(torch.equal(x, y) for x, y in zip(a1, a2))
+    policy.with_budget(20).scores(model, state, None)  # a copy at another budget (as an evaluation makes) shares them
+    assert loads == [str(first)]
     policy.modules = str(second)
     b = policy.scores(model, state, None)
     reference = LookaheadKV(budget=10, modules=real(second)).scores(model, state, None)

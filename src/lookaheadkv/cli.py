@@ -277,15 +277,12 @@ def data_build(
     from .models import load_model
     from .training import hub as hub_sources
     from .training import sources
+    from .evaluation.runner import shard_from_text
     from .training.data import PromptRecord, build
 
     if threads:
         torch.set_num_threads(threads)
-    try:
-        index, count = (int(x) for x in shard.split("/"))
-        assert 0 <= index < count
-    except (ValueError, AssertionError):
-        fail(f"--shard takes i/n with 0 <= i < n, got {shard!r}")
+    index, count = shard_from_text(shard)
     sizes = parse_sizes(hub, "--hub") if hub else parse_sizes(source, "--source")
     wanted = None
     if only is not None:
@@ -602,14 +599,15 @@ def parse_index_range(text: Optional[str], end: int) -> tuple[int, int]:
 
 def parse_shard(text: Optional[str]) -> tuple[int, int] | None:
     """--shard i/n, or under torchrun (WORLD_SIZE > 1) the process's RANK/WORLD_SIZE; None for a single run."""
+    from .evaluation.runner import shard_from_text
+
     if text is None:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
     try:
-        index, count = (int(x) for x in text.split("/"))
-        assert 0 <= index < count
-    except (ValueError, AssertionError):
-        fail(f"--shard takes i/n with 0 <= i < n (e.g. 0/4), got {text!r}")
+        index, count = shard_from_text(text)
+    except ValueError as err:
+        fail(str(err))
     return (index, count) if count > 1 else None
 
 

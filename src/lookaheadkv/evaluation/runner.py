@@ -95,6 +95,17 @@ def shard_path(out: str | Path, index: int, count: int) -> Path:
     return Path(out) / SHARDS / f"results-{index}-of-{count}.jsonl"
 
 
+def shard_from_text(text: str) -> tuple[int, int]:
+    """``"i/n"`` (as every ``--shard`` option writes it) -> ``(i, n)``, or a one-line ``ValueError``."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise ValueError(f"--shard takes i/n with 0 <= i < n (e.g. 0/4), got {text!r}")
+    return index, count
+
+
 def check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
     if shard is None:
         return None

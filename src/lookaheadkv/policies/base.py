@@ -48,7 +48,18 @@ class Policy:
 
         What a policy loaded lazily (LookaheadKV's modules, SpecKV's draft model) is shared by the copy.
         """
-        return replace(self, budget=budget)
+        copy = replace(self, budget=budget)
+        if "_loaded" in self.__dict__:
+            copy._loaded = self._loaded
+        return copy
+
+    def loaded_once(self, key, load):
+        """``load()``, called once per ``key`` (e.g. a folder and a device) and kept, also by
+        :meth:`with_budget` copies; the settings the user gave stay as they were."""
+        cached = self.__dict__.get("_loaded")
+        if cached is None or cached[0] != key:
+            cached = self._loaded = (key, load())
+        return cached[1]
 
     @property
     def label(self) -> str:

@@ -51,7 +51,6 @@ class LookaheadKV(Policy):
         super().__post_init__()
         if self.kernel < 1 or self.window < 0:
             raise ValueError(f"kernel must be >= 1 and window >= 0, got {self.kernel} and {self.window}")
-        self._loaded = None  # (folder, device) -> modules loaded from it; ``modules`` itself stays as given
 
     def resolve(self, model):
         if isinstance(self.modules, LookaheadModules):
@@ -62,12 +61,9 @@ class LookaheadKV(Policy):
                 "LookaheadKV needs trained modules for this model: pass modules=PATH (--modules PATH); "
                 "train them with 'lookaheadkv train'"
             )
-        # loaded once per folder and device: the same policy used with another model (its own
-        # shipped modules) or after the model moved to another device loads what that one needs
-        key = (str(path), str(model.device))
-        if self._loaded is None or self._loaded[0] != key:
-            self._loaded = (key, LookaheadModules.from_pretrained(path, device=model.device))
-        return self._loaded[1]
+        # per folder and device: used with another model (its own shipped modules) or after the
+        # model moved, the policy loads what that one needs; ``modules`` stays as the user gave it
+        return self.loaded_once((str(path), str(model.device)), lambda: LookaheadModules.from_pretrained(path, device=model.device))
 
     def observer(self):
         return AttentionMass(last_rows=self.window) if self.window else None

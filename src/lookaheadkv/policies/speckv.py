@@ -61,7 +61,6 @@ class SpecKV(Policy):
         super().__post_init__()
         if isinstance(self.draft, type) or (self.draft is not None and not isinstance(self.draft, (str, torch.nn.Module))):
             raise TypeError(f"draft must be a loaded causal LM, a hub id or a folder, or None (self-draft), got {self.draft!r}")
-        self._loaded = None  # (name, device) -> the draft model loaded from ``draft`` when it is a name
 
     @property
     def draft_name(self) -> str | None:
@@ -83,13 +82,10 @@ class SpecKV(Policy):
         if self.draft is None:
             return model
         drafter = self.draft
-        if isinstance(drafter, str):
-            key = (drafter, str(model.device))
-            if self._loaded is None or self._loaded[0] != key:
-                from ..models import load_model
+        if isinstance(drafter, str):  # loaded once per name and device; ``draft`` stays the name
+            from ..models import load_model
 
-                self._loaded = (key, load_model(drafter, device=model.device)[0])
-            drafter = self._loaded[1]
+            drafter = self.loaded_once((drafter, str(model.device)), lambda: load_model(self.draft, device=model.device)[0])
         if drafter.config.vocab_size != model.config.vocab_size:
             raise ValueError(
                 f"the draft model's vocabulary ({drafter.config.vocab_size}) differs from the target's "
