@@ -20,7 +20,7 @@ from lookaheadkv.tasks.heldout import TEMPLATE_PHRASES
 from lookaheadkv.training.sources import mixture, render
 from lookaheadkv.training.textsources import TEXT_SOURCES
 
-ALL_SOURCES = ("essays", "synthetic", "fewshot", "code", "docs", "retrieval", "chat")
+ALL_SOURCES = ("essays", "synthetic", "fewshot", "code", "docs", "retrieval", "chat", "needles")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,45 @@ def test_retrieval_needles_are_in_the_prompt_and_asked(tokenizer):
         assert 1 <= len(asked) <= 3, question
         for key in asked:
             assert key in body, (p.id, key)  # each asked key has its needle in the text
+
+
+def test_retrieval_expects_the_asked_values(tokenizer):
+    for p in TEXT_SOURCES["retrieval"](tokenizer, 8, (1024, 2048), 0):
+        body, question = p.messages[-1]["content"].rsplit("\n\n", 1)
+        assert 1 <= len(p.expect) <= 3 and p.match == "all"
+        for value in p.expect:
+            line = next(s for s in re.split(r"(?<=[.!?])\s+|\n", body) if value in s)
+            asked_key = next(k for k in _retrieval_keys() if k in line)
+            assert asked_key in question, (p.id, value, question)  # the value belongs to an asked key
+
+
+def _retrieval_keys():
+    from lookaheadkv.training.textsources import _KEYS
+
+    return _KEYS
+
+
+def test_needle_prompts_hold_the_asked_value_once_and_ask_for_it(tokenizer):
+    from lookaheadkv.training.textsources import _SUBJECTS, NEEDLE_TEMPLATES
+
+    def cap(text):
+        return text[0].upper() + text[1:]
+
+    prompts = TEXT_SOURCES["needles"](tokenizer, 40, (1024, 1536), 0)
+    places = set()
+    for p in prompts:
+        text = p.messages[-1]["content"]
+        (value,) = p.expect
+        assert text.count(value) == 1, (p.id, value)
+        # exactly one needle sentence holds the value; the prompt asks that needle's question
+        holders = [(q, s) for n, q in NEEDLE_TEMPLATES for s in _SUBJECTS if cap(n.format(key=s, value=value)) in text]
+        assert len(holders) == 1, (p.id, holders)
+        question = holders[0][0].format(key=holders[0][1])
+        assert question in text or (question[0].lower() + question[1:]) in text, (p.id, question)
+        first, last = text.find(question), text.rfind(question)
+        places.add("both" if first != last else "before" if first < len(text) // 2 else "after")
+    assert places >= {"after", "before"}
+    assert len({p.expect for p in prompts}) == len(prompts)
 
 
 def test_chat_prompts_have_earlier_turns_and_end_with_the_user(tokenizer):
@@ -165,3 +204,13 @@ def test_heldout_haystack_is_running_prose_only():
         "The library reads the manual and parses every page it is given, "
         "then it writes a summary of what it found to the console for the user to read."
     ]
+
+
+def test_synthetic_prompts_expect_answers_found_in_their_text(tokenizer):
+    from lookaheadkv.training.sources import synthetic_prompts
+
+    prompts = synthetic_prompts(tokenizer, 12, (1024, 1536), 0)
+    assert all(p.expect and p.match in ("all", "part") for p in prompts)
+    for p in prompts:
+        text = "\n".join(m["content"] for m in p.messages).lower()
+        assert all(value.lower() in text for value in p.expect), (p.id, p.expect)  # RULER's tasks are extractive

@@ -256,7 +256,7 @@ def parse_range(text: str, option: str) -> tuple[int, int]:
 def data_build(
     out: Path = typer.Option(..., help="Data folder (created; rerun the same command to resume)."),
     model: Optional[str] = typer.Option(None, help="Hub id or local folder; default: the bundled SmolLM2."),
-    source: str = typer.Option("essays=150,synthetic=100,fewshot=50", help="Offline sources: essays, synthetic, fewshot, code, docs, retrieval, chat (name=count,...)."),
+    source: str = typer.Option("essays=150,synthetic=100,fewshot=50", help="Offline sources: essays, synthetic, fewshot, code, docs, retrieval, chat, needles (name=count,...)."),
     hub: Optional[str] = typer.Option(None, help="The paper's hub sources instead (chatqa2, tulu3, stack, metamath, hellaswag, arc), name=count,..."),
     data_file: list[str] = typer.Option([], help="name=path: read a hub source from a local JSONL copy (repeatable)."),
     lengths: str = typer.Option("1024,2048", help="Prompt lengths in tokens, low,high (offline sources)."),
@@ -278,7 +278,7 @@ def data_build(
     from .training import hub as hub_sources
     from .training import sources
     from .evaluation.runner import shard_from_text
-    from .training.data import PromptRecord, build
+    from .training.data import PromptRecord, answer_scores, build
 
     if threads:
         torch.set_num_threads(threads)
@@ -298,7 +298,7 @@ def data_build(
         prompts = hub_sources.hub_mixture(tokenizer, sizes, seed, files, None)
     else:
         prompts = sources.mixture(tokenizer, sizes, parse_range(lengths, "--lengths"), seed)
-    records = [PromptRecord(p.id, p.source, sources.render(p, tokenizer, max_prompt_tokens)) for p in prompts]
+    records = [PromptRecord(p.id, p.source, sources.render(p, tokenizer, max_prompt_tokens), p.expect, p.match) for p in prompts]
     low, high = parse_index_range(index_range, len(records))
     mine = [i for i in range(low, min(high, len(records))) if i % count == index]
     if not mine:
@@ -314,8 +314,11 @@ def data_build(
 
     name = model or "bundled:smollm2-135m-instruct"
     with progress:
-        built = build(llm, records, out, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids(llm, tokenizer), model_name=name, on_progress=on_progress, only=set(mine), batch_size=batch_size)
+        built = build(llm, records, out, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids(llm, tokenizer), model_name=name, on_progress=on_progress, only=set(mine), batch_size=batch_size, tokenizer=tokenizer)
     typer.echo(f"{built} samples built now; {out} holds {len(list((out / 'samples').glob('*.safetensors')))} of {len(records)}")
+    checked = answer_scores(out, [records[i] for i in mine])
+    if checked:
+        typer.echo(f"checkable answers: {sum(s >= 1.0 for s in checked)} of {len(checked)} hold every asked value (train --answered-only keeps those)")
 
 
 @data_app.command("cut")
@@ -402,6 +405,7 @@ def train(
     seed: int = typer.Option(0),
     dtype: Optional[str] = typer.Option(None, help="Base model dtype: bfloat16 on GPUs and on CPUs with AVX-512 BF16 (the modules and Adam stay float32; the loss is float32); default: the checkpoint's dtype."),
     init: Optional[Path] = typer.Option(None, help="When --out holds no checkpoint: a checkpoint folder to carry on (another machine's run), or saved modules to start from (fresh optimizer, step 0)."),
+    answered_only: bool = typer.Option(False, "--answered-only", help="Skip samples whose checkable answer (needles, retrieval, synthetic tasks) missed a value the prompt asks for: their labels say where a wrong answer looked."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
 ):
     """Train lookahead modules on built data folders (runs under torchrun / accelerate launch too)."""
@@ -420,7 +424,7 @@ def train(
             fail(f"data folder not found: {folder}")
     if len({folder.resolve() for folder in data}) < len(data):
         fail(f"a data folder is given twice in --data {' --data '.join(map(str, data))}: give each folder once")
-    cfg = TrainConfig(data=str(data[0]) if len(data) == 1 else [str(folder) for folder in data], out=str(out), steps=steps, batch=batch, lr=lr, schedule=schedule, warmup=warmup, clip=clip, seed=seed, n_lookahead=n_lookahead, rank=rank, alpha=alpha, eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, init=str(init) if init else None)
+    cfg = TrainConfig(data=str(data[0]) if len(data) == 1 else [str(folder) for folder in data], out=str(out), steps=steps, batch=batch, lr=lr, schedule=schedule, warmup=warmup, clip=clip, seed=seed, n_lookahead=n_lookahead, rank=rank, alpha=alpha, eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, init=str(init) if init else None, answered_only=answered_only)
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     llm, _ = load_model(model, dtype=dtype, device=device)
     run(llm, cfg)

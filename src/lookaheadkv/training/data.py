@@ -77,16 +77,29 @@ def read_sample(path: Path, full: bool = True) -> dict:
         if "prompt_sha" in meta and _ids_hash(item["prompt_ids"].tolist()) != meta["prompt_sha"]:
             raise DataError(f"{path}: the prompt does not match the hash recorded when it was built: {fix}")
     item["id"], item["source"] = meta["id"], meta.get("source", "")
+    item[ANSWER_SCORE] = float(meta[ANSWER_SCORE]) if ANSWER_SCORE in meta else None
     return item
 
 
 @dataclass
 class PromptRecord:
-    """A prompt ready for the model: its id, its source name and its token ids."""
+    """A prompt ready for the model: its id, its source name, its token ids and, when its answer
+    can be checked, the values a right answer holds (``expect``, ``match``: see :class:`.sources.Prompt`)."""
 
     id: str
     source: str
     token_ids: list[int]
+    expect: tuple[str, ...] = ()
+    match: str = "all"
+
+
+def answer_score(text: str, expect, match: str = "all") -> float:
+    """Share of ``expect`` found in ``text`` as case-insensitive substrings (RULER's string match;
+    ``match="part"``: 1.0 when any is found)."""
+    found = [value.lower() in text.lower() for value in expect]
+    if not found:
+        raise ValueError("answer_score needs at least one expected value")
+    return float(any(found)) if match == "part" else sum(found) / len(found)
 
 
 def fingerprint(records: list[PromptRecord]) -> str:
@@ -142,8 +155,13 @@ def build(
     on_progress=None,
     only: set[int] | None = None,
     batch_size: int = 1,
+    tokenizer=None,
 ) -> int:
     """Generate targets for every record not yet on disk (or only those in ``only``); returns how many were built now.
+
+    With a ``tokenizer``, each sample of a record with ``expect`` also records ``answer_score``
+    (:func:`answer_score` of its decoded response) in its metadata; a sample already on disk
+    that lacks it (built before answers were checked) gets it now, from its stored response.
 
     With ``batch_size`` > 1 the responses of that many prompts are decoded together (one
     batched step per token, ragged caches padded and masked), which is much faster on any
@@ -161,6 +179,8 @@ def build(
             continue
         path = sample_path(out, index)
         if path.exists() and _readable(path):
+            if tokenizer is not None and records[index].expect:
+                _add_answer_score(path, records[index], tokenizer)
             if on_progress:
                 on_progress(index, skipped=True)
         else:
@@ -172,7 +192,7 @@ def build(
         if batch_size > 1:
             responses, states = generate_responses(model, [records[i].token_ids for i in chunk], max_new_tokens, eos_token_ids)
         for k, index in enumerate(chunk):
-            _save_sample(out, index, records[index], model, max_new_tokens, eos_token_ids, responses[k], states[k], start)
+            _save_sample(out, index, records[index], model, max_new_tokens, eos_token_ids, responses[k], states[k], start, tokenizer=tokenizer)
             states[k] = None  # free the prompt's cache once it is labelled
             built += 1
             if on_progress:
@@ -203,7 +223,7 @@ def _length_batches(pending: list[int], records: list[PromptRecord], batch_size:
     return batches
 
 
-def _save_sample(out: Path, index: int, record: PromptRecord, model, max_new_tokens, eos_token_ids, response, state, start, extra: dict | None = None) -> None:
+def _save_sample(out: Path, index: int, record: PromptRecord, model, max_new_tokens, eos_token_ids, response, state, start, extra: dict | None = None, tokenizer=None) -> None:
     """Label ``record`` (its response generated now unless given) and write it atomically; ``extra``: more metadata."""
     target = make_target(model, torch.tensor([record.token_ids]), max_new_tokens, eos_token_ids, response, state)
     tensors = {
@@ -212,10 +232,51 @@ def _save_sample(out: Path, index: int, record: PromptRecord, model, max_new_tok
         "labels": target["labels"].to(torch.float16).contiguous(),
     }
     meta = {"id": record.id, "source": record.source, "seconds": f"{time.perf_counter() - start:.2f}", "prompt_sha": _ids_hash(record.token_ids), **(extra or {})}
-    path = sample_path(out, index)
+    if tokenizer is not None and record.expect:
+        meta[ANSWER_SCORE] = _score_text(tensors["response_ids"], record, tokenizer)
+    _write(sample_path(out, index), tensors, meta)
+
+
+ANSWER_SCORE = "answer_score"  # metadata key: how much of a checkable answer the response holds
+
+
+def _score_text(response_ids: torch.Tensor, record: PromptRecord, tokenizer) -> str:
+    text = tokenizer.decode(response_ids.tolist(), skip_special_tokens=True)
+    return f"{answer_score(text, record.expect, record.match):.4f}"
+
+
+def answer_scores(out: str | Path, records: list[PromptRecord]) -> list[float]:
+    """The recorded ``answer_score`` of each built sample of ``records`` that has one (in order)."""
+    index = {r.id: i for i, r in enumerate(records)}
+    scores = []
+    for path in sorted((Path(out) / "samples").glob("*.safetensors")):
+        item = read_sample(path, full=False)
+        if item["id"] in index and item[ANSWER_SCORE] is not None:
+            scores.append(item[ANSWER_SCORE])
+    return scores
+
+
+def _answered(score: float | None) -> bool:
+    return score is None or score >= 1.0
+
+
+def _write(path: Path, tensors: dict, meta: dict) -> None:
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
+
+
+def _add_answer_score(path: Path, record: PromptRecord, tokenizer) -> None:
+    """Record ``answer_score`` in a sample built before answers were checked (atomic rewrite)."""
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+        if ANSWER_SCORE in meta:
+            return
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if tensors["prompt_ids"].tolist() != list(record.token_ids):
+        raise DataError(f"{path} was built from another prompt than the one at its index: use a new --out folder")
+    meta[ANSWER_SCORE] = _score_text(tensors["response_ids"], record, tokenizer)
+    _write(path, tensors, meta)
 
 
 CUT_SUFFIX = re.compile(r"(@cut[0-9]+\.[0-9]+)+$")  # what ``data cut`` appends to a sample's id
@@ -232,9 +293,13 @@ class TargetDataset:
     ``split`` is "train", "heldout" or "all" (held out: 1 in ``heldout_every`` by the hash of
     the sample's id). A derived sample (``data cut``: id ``<source id>@cut0.50``) falls in the
     split of the sample it was cut from, so no held-out prompt is trained on through its cuts.
+
+    ``answered_only`` drops every sample whose recorded ``answer_score`` is below 1: a checkable
+    answer (needles, synthetic tasks) that missed a value the prompt asks for. Its labels say
+    where a *wrong* answer looked, not where the needle is. Samples without a check stay.
     """
 
-    def __init__(self, folder: str | Path | list, split: str = "all", heldout_every: int = 10):
+    def __init__(self, folder: str | Path | list, split: str = "all", heldout_every: int = 10, answered_only: bool = False):
         folders = [Path(folder)] if isinstance(folder, (str, Path)) else [Path(f) for f in folder]
         if not folders:
             raise ValueError("no data folder given: give at least one folder made by 'lookaheadkv data build'")
@@ -253,6 +318,8 @@ class TargetDataset:
             if split != "all":
                 want = split == "heldout"
                 paths = [p for p in paths if (self._hash(source_id(self._id(p))) % heldout_every == 0) == want]
+            if answered_only:
+                paths = [p for p in paths if _answered(read_sample(p, full=False)[ANSWER_SCORE])]
             self.paths += paths
             self.counts.append(len(paths))
 

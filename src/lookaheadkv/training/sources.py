@@ -54,11 +54,18 @@ class Prompt:
         ``"essays"``, ``"synthetic"``, ``"fewshot"``, a :mod:`.textsources` name or a :data:`.hub.HUB_SOURCES` name.
     messages : list of dict
         Chat turns ``{"role": ..., "content": ...}``; the last one is never the assistant's.
+    expect : tuple of str
+        For prompts with a checkable answer (``retrieval``, ``needles``, ``synthetic``): the
+        values a right answer contains (case-insensitive substrings); empty when unknown.
+    match : str
+        ``"all"``: a right answer holds every value of ``expect``; ``"part"``: at least one.
     """
 
     id: str
     source: str
     messages: list[dict]
+    expect: tuple[str, ...] = ()
+    match: str = "all"
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,7 +393,16 @@ def synthetic_prompts(
         rng = _rng(seed, "synthetic", i)
         target, task = draw_length(rng, lengths), _pick(rng, names)
         sample = tasks.make_sample(task, tokenizer, target, seed=seed, split="train", index=i)
-        prompts.append(Prompt(f"synthetic:{task}:{seed}:{i}", "synthetic", strip_final_assistant(sample.messages)))
+        checkable = sample.metric in ("all", "part")
+        prompts.append(
+            Prompt(
+                f"synthetic:{task}:{seed}:{i}",
+                "synthetic",
+                strip_final_assistant(sample.messages),
+                tuple(sample.answers) if checkable else (),
+                sample.metric if checkable else "all",
+            )
+        )
     return prompts
 
 

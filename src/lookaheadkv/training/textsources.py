@@ -6,6 +6,9 @@
 - ``retrieval``: needles hidden in essays, code or package prose, drawn from many needle,
   value and question templates of this file (none of the evaluation suite's, none of the
   held-out generalisation set's), one to five needles, one to three asked.
+- ``needles``: one asked needle (among up to two distractors) in essays, code or package
+  prose, from templates of its own, the question after the text, before it or on both sides;
+  each prompt knows its answer, so the build records whether the model found it.
 - ``chat``: two- and three-turn conversations over a document, code or essay passage: the
   earlier assistant turns are written from the text itself, the final user turn asks a new
   question that needs the context again.
@@ -265,7 +268,8 @@ def _retrieval_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) ->
     keys = [str(k) for k in rng.choice(_KEYS, size=n_needles, replace=False)]
     needle, question = _pick(rng, _NEEDLES)
     kind = _pick(rng, _VALUE_KINDS)
-    needles = [needle.format(key=k, value=_value(rng, kind)) for k in keys]
+    values = [_value(rng, kind) for _ in keys]
+    needles = [needle.format(key=k, value=v) for k, v in zip(keys, values)]
     depths = sorted(float(d) for d in rng.random(n_needles))
     questions = " ".join(question.format(key=k) for k in keys[:n_asked])
     ask = _pick(rng, _ASK_STYLES).format(questions=questions)
@@ -279,7 +283,129 @@ def _retrieval_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) ->
         body = sep.join(units)
         return _user(f"{intro}\n\n{body}\n\n{ask}".strip())
 
-    return Prompt(f"retrieval:{filler}:{key}", "retrieval", _fit(build, tokenizer, target))
+    return Prompt(f"retrieval:{filler}:{key}", "retrieval", _fit(build, tokenizer, target), tuple(values[:n_asked]))
+
+
+# ---------------------------------------------------------------------------------------
+# needles: one asked needle, many wordings, the question after, before or on both sides of the text
+
+_SUBJECTS = (
+    "the green locker", "the harbour crane", "the west annex", "Mrs. Ferreira", "the third-floor printer",
+    "the orchard shed", "the museum van", "the county archive", "cabinet 19", "the blue canoe",
+    "the rehearsal hall", "the pumping station", "the night ferry", "the attic trunk", "Inspector Dahl",
+    "the greenhouse", "the choir", "the relay tower", "Captain Osei", "the bakery oven", "vault 6",
+    "the tram depot", "the student union", "the hangar", "the glass studio", "the river barge",
+)  # fmt: skip
+_WORDS = (
+    "falcon", "meadow", "cobalt", "ripple", "saddle", "tangerine", "violet", "walnut", "crimson", "drift",
+    "ember", "fjord", "granite", "hollow", "ivory", "jasper", "kettle", "lumen", "mosaic", "nectar",
+    "orbit", "parchment", "quiver", "russet", "sparrow", "trellis", "uplift", "vessel", "whistle", "yarrow",
+    "zenith", "bramble", "cinder", "dune", "estuary", "fable", "gorse", "hearth", "inkwell", "lark",
+)  # fmt: skip
+_NEEDLE_KINDS = ("number", "words", "hyphenated", "code", "date", "hex", "price")
+NEEDLE_TEMPLATES = (
+    ("Inspection report: the serial number stamped on {key} is {value}.", "What serial number is stamped on {key}?"),
+    ("The combination for {key} was changed to {value}.", "What was the combination for {key} changed to?"),
+    ("Reminder: {key} must quote the booking code {value}.", "Which booking code must {key} quote?"),
+    ("In the ledger, the entry for {key} shows {value}.", "What does the ledger entry for {key} show?"),
+    ("The label on {key} says {value}.", "What does the label on {key} say?"),
+    ("Dispatch note: {key} ships with tracking number {value}.", "Which tracking number does {key} ship with?"),
+    ("Keep this safe: the access phrase for {key} is {value}.", "What is the access phrase for {key}?"),
+    ("{key} uses the call sign {value} on the radio.", "What call sign does {key} use on the radio?"),
+    ("The registration of {key} is listed as {value}.", "How is the registration of {key} listed?"),
+    ("Per the minutes, {key} was renamed to {value}.", "According to the minutes, what was {key} renamed to?"),
+    ("Catalogue card: {key}, shelf mark {value}.", "What is the shelf mark of {key}?"),
+    ("The wireless key for {key} is {value}.", "What is the wireless key for {key}?"),
+    ("Status line: {key} reported {value}.", "What did {key} report in its status line?"),
+    ("Do not forget: the pass code of {key} is {value}.", "What is the pass code of {key}?"),
+    ("(Side note: {key} goes by the nickname \"{value}\".)", "What nickname does {key} go by?"),
+    ("The receipt for {key} lists the amount {value}.", "Which amount does the receipt for {key} list?"),
+)
+_LEADS = (
+    "Question: {question} The answer is somewhere in the text below.",
+    "Read the text below and find out: {question}",
+    "I will ask you this afterwards: {question}",
+    "Look for the answer to this while you read: {question}",
+)
+_ENDS_AFTER_LEAD = (
+    "Now answer the question from the beginning.",
+    "What is the answer? Give only the value.",
+    "Answer the question asked before the text.",
+)
+_ASKS = (
+    "{question}",
+    "{question} Give the exact value.",
+    "Based on the text, {question_lower}",
+    "Answer from the text: {question}",
+    "{question} Reply with just the value, nothing else.",
+    "Quick question about the text above. {question}",
+)
+_OPENERS = ("", "Here is some text.", "The passage below contains one or more notes.", "Please read this document.")
+
+
+def _needle_value(rng: np.random.Generator, kind: str) -> str:
+    if kind == "number":
+        return str(int(rng.integers(1_000, 100_000_000)))
+    if kind == "words":
+        return " ".join(str(w) for w in rng.choice(_WORDS, size=int(rng.integers(2, 7)), replace=False)).capitalize()
+    if kind == "hyphenated":
+        words = [str(w) for w in rng.choice(_WORDS, size=int(rng.integers(2, 5)), replace=False)]
+        return "-".join(words + ([str(int(rng.integers(10, 1000)))] if rng.random() < 0.6 else []))
+    if kind == "code":
+        shape = _pick(rng, ("LLD-DDDD-L", "LL-DD-LL-DD", "LDLD-DDD", "LLLL/DDDD", "DDD-LLL-DDD"))
+        return "".join(chr(65 + int(rng.integers(26))) if c == "L" else str(int(rng.integers(10))) if c == "D" else c for c in shape)
+    if kind == "date":
+        months = ("February", "May", "July", "September", "January", "October")
+        return f"{int(rng.integers(1, 29))} {_pick(rng, months)} {int(rng.integers(1900, 2100))}"
+    if kind == "price":
+        return f"${int(rng.integers(1, 99))},{int(rng.integers(0, 1000)):03d}.{int(rng.integers(0, 100)):02d}"
+    return "0x" + "".join(f"{int(x):x}" for x in rng.integers(0, 16, size=int(rng.integers(6, 11))))
+
+
+def needle_prompts(tokenizer, n: int, lengths: tuple[int, int], seed: int = 0) -> list[Prompt]:
+    """One asked needle among up to two distractors, in essays, code or package prose, with the
+    question after the text, before it, or on both sides (ids ``needles:<filler>:<seed>:<i>``).
+
+    Each prompt's :attr:`Prompt.expect` is the asked value, so a build can check the model's
+    answer, and training can keep only the answers that found the needle (``--answered-only``).
+    """
+    return [_needle_prompt(tokenizer, _rng(seed, "needles", i), lengths, f"{seed}:{i}") for i in range(n)]
+
+
+def _needle_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) -> Prompt:
+    target = draw_length(rng, lengths)
+    filler = _pick(rng, MATERIALS)
+    docs = _material(filler)
+    first, offset = int(rng.integers(len(docs))), float(rng.random())
+    n_needles = int(rng.choice([1, 1, 1, 2, 2, 3]))
+    keys = [str(k) for k in rng.choice(_SUBJECTS, size=n_needles, replace=False)]
+    needle, question = _pick(rng, NEEDLE_TEMPLATES)
+    kind = _pick(rng, _NEEDLE_KINDS)
+    values = [_needle_value(rng, kind) for _ in keys]
+    needles = [needle.format(key=k, value=v) for k, v in zip(keys, values)]
+    needles = [s[0].upper() + s[1:] for s in needles]
+    depths = [float(d) for d in rng.random(n_needles)]
+    asked = int(rng.integers(n_needles))
+    q = question.format(key=keys[asked])
+    place = _pick(rng, ("after", "after", "before", "both"))
+    lead, end, ask, opener = _pick(rng, _LEADS), _pick(rng, _ENDS_AFTER_LEAD), _pick(rng, _ASKS), _pick(rng, _OPENERS)
+
+    def build(budget: int) -> list[dict]:
+        text = _window(tokenizer, docs, first, offset, budget - 24 * n_needles, "")
+        sep, units = ("\n", text.split("\n")) if text.count("\n") > 40 else (" ", re.split(r"(?<=[.!?])\s+", text))
+        for depth, sentence in sorted(zip(depths, needles), reverse=True):
+            units.insert(int(depth * len(units)), sentence)
+        body = sep.join(units)
+        after = ask.format(question=q, question_lower=q[0].lower() + q[1:])
+        if place == "after":
+            content = f"{opener}\n\n{body}\n\n{after}"
+        elif place == "before":
+            content = f"{lead.format(question=q)}\n\n{body}\n\n{end}"
+        else:
+            content = f"{lead.format(question=q)}\n\n{body}\n\n{after}"
+        return _user(content.strip())
+
+    return Prompt(f"needles:{filler}:{key}", "needles", _fit(build, tokenizer, target), (values[asked],))
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,5 +463,6 @@ TEXT_SOURCES = {
     "docs": docs_prompts,
     "retrieval": retrieval_prompts,
     "chat": chat_prompts,
+    "needles": needle_prompts,
 }
 """Text source name -> ``f(tokenizer, n, lengths, seed) -> list[Prompt]``."""

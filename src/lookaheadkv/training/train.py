@@ -68,6 +68,7 @@ class TrainConfig:
     save_every: int = 25
     budgets: list[int] = field(default_factory=lambda: [64, 128, 256])
     init: str | None = None  # when ``out`` holds no checkpoint: a checkpoint folder to carry on, or saved modules to start from
+    answered_only: bool = False  # drop samples whose checkable answer missed an asked value (TargetDataset)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch < 1 or self.lr <= 0:
@@ -182,8 +183,8 @@ def train(model, cfg: TrainConfig, *, progress: bool = True) -> LookaheadModules
     rank, world = _distributed()
     out = Path(cfg.out)
     checkpoint = out / "checkpoint"
-    train_set = TargetDataset(cfg.folders, "train")
-    heldout = TargetDataset(cfg.folders, "heldout")
+    train_set = TargetDataset(cfg.folders, "train", answered_only=cfg.answered_only)
+    heldout = TargetDataset(cfg.folders, "heldout", answered_only=cfg.answered_only)
     if len(train_set) == 0:
         raise ValueError(f"{', '.join(cfg.folders)} has no training samples yet: run 'lookaheadkv data build' first")
     heldout_items = [heldout[i] for i in heldout.spread(cfg.eval_samples)]  # from each folder in turn
