@@ -253,16 +253,31 @@ _INTROS = (
 )
 
 
+def _haystack_draw(rng: np.random.Generator, lengths):
+    """A prompt's target length, filler kind, its texts, the first text and the offset into it."""
+    target = draw_length(rng, lengths)
+    filler = _pick(rng, MATERIALS)
+    docs = _material(filler)
+    return target, filler, docs, int(rng.integers(len(docs))), float(rng.random())
+
+
+def _haystack(tokenizer, docs, first: int, offset: float, budget: int, placed: list[tuple[float, str]]) -> str:
+    """About ``budget`` tokens of ``docs`` with each ``(depth, sentence)`` of ``placed`` inserted at
+    its relative depth, between lines (code, markup) or sentences (prose)."""
+    text = _window(tokenizer, docs, first, offset, budget - 24 * len(placed), "")
+    sep, units = ("\n", text.split("\n")) if text.count("\n") > 40 else (" ", re.split(r"(?<=[.!?])\s+", text))
+    for depth, sentence in sorted(placed, key=lambda item: item[0], reverse=True):
+        units.insert(int(depth * len(units)), sentence)
+    return sep.join(units)
+
+
 def retrieval_prompts(tokenizer, n: int, lengths: tuple[int, int], seed: int = 0) -> list[Prompt]:
     """Needles over essays, code or package prose, from many templates (ids ``retrieval:<filler>:<seed>:<i>``)."""
     return [_retrieval_prompt(tokenizer, _rng(seed, "retrieval", i), lengths, f"{seed}:{i}") for i in range(n)]
 
 
 def _retrieval_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) -> Prompt:
-    target = draw_length(rng, lengths)
-    filler = _pick(rng, MATERIALS)
-    docs = _material(filler)
-    first, offset = int(rng.integers(len(docs))), float(rng.random())
+    target, filler, docs, first, offset = _haystack_draw(rng, lengths)
     n_needles = int(rng.integers(1, 6))
     n_asked = int(rng.integers(1, min(3, n_needles) + 1))
     keys = [str(k) for k in rng.choice(_KEYS, size=n_needles, replace=False)]
@@ -276,11 +291,7 @@ def _retrieval_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) ->
     intro = _pick(rng, _INTROS)
 
     def build(budget: int) -> list[dict]:
-        text = _window(tokenizer, docs, first, offset, budget - 24 * n_needles, "")
-        sep, units = ("\n", text.split("\n")) if text.count("\n") > 40 else (" ", re.split(r"(?<=[.!?])\s+", text))
-        for depth, sentence in reversed(list(zip(depths, needles))):
-            units.insert(int(depth * len(units)), sentence)
-        body = sep.join(units)
+        body = _haystack(tokenizer, docs, first, offset, budget, list(zip(depths, needles)))
         return _user(f"{intro}\n\n{body}\n\n{ask}".strip())
 
     return Prompt(f"retrieval:{filler}:{key}", "retrieval", _fit(build, tokenizer, target), tuple(values[:n_asked]))
@@ -373,10 +384,7 @@ def needle_prompts(tokenizer, n: int, lengths: tuple[int, int], seed: int = 0) -
 
 
 def _needle_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) -> Prompt:
-    target = draw_length(rng, lengths)
-    filler = _pick(rng, MATERIALS)
-    docs = _material(filler)
-    first, offset = int(rng.integers(len(docs))), float(rng.random())
+    target, filler, docs, first, offset = _haystack_draw(rng, lengths)
     n_needles = int(rng.choice([1, 1, 1, 2, 2, 3]))
     keys = [str(k) for k in rng.choice(_SUBJECTS, size=n_needles, replace=False)]
     needle, question = _pick(rng, NEEDLE_TEMPLATES)
@@ -391,11 +399,7 @@ def _needle_prompt(tokenizer, rng: np.random.Generator, lengths, key: str) -> Pr
     lead, end, ask, opener = _pick(rng, _LEADS), _pick(rng, _ENDS_AFTER_LEAD), _pick(rng, _ASKS), _pick(rng, _OPENERS)
 
     def build(budget: int) -> list[dict]:
-        text = _window(tokenizer, docs, first, offset, budget - 24 * n_needles, "")
-        sep, units = ("\n", text.split("\n")) if text.count("\n") > 40 else (" ", re.split(r"(?<=[.!?])\s+", text))
-        for depth, sentence in sorted(zip(depths, needles), reverse=True):
-            units.insert(int(depth * len(units)), sentence)
-        body = sep.join(units)
+        body = _haystack(tokenizer, docs, first, offset, budget, list(zip(depths, needles)))
         after = ask.format(question=q, question_lower=q[0].lower() + q[1:])
         if place == "after":
             content = f"{opener}\n\n{body}\n\n{after}"
