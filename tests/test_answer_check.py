@@ -7,11 +7,12 @@ and ``--answered-only`` training keeps only those that do.
   scores on a rerun, its tensors byte for byte unchanged; a sample built from another prompt is
   refused.
 * ``TargetDataset(answered_only=True)`` drops exactly the samples whose answer missed, and keeps
-  the ones without a check.
+  the ones without a check; a training run with ``answered_only`` trains on those alone.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -19,6 +20,7 @@ from safetensors import safe_open
 
 from lookaheadkv.models import tiny_model
 from lookaheadkv.training.data import DataError, PromptRecord, TargetDataset, answer_score, build, sample_path
+from lookaheadkv.training.train import TrainConfig, train
 
 
 class ToyTokenizer:
@@ -79,6 +81,15 @@ def test_build_records_answer_scores_and_annotates_old_samples(tmp_path):
     kept = TargetDataset(fresh, "all", answered_only=True)
     assert len(train_all) == 6
     assert sorted(kept[i]["id"] for i in range(len(kept))) == ["q0", "q2", "q4", "q5"]
+
+    # a training run with answered_only sees those four samples (train + held-out split), one without sees six
+    for flag, count in ((True, 4), (False, 6)):
+        out = tmp_path / f"run-{flag}"
+        cfg = TrainConfig(data=str(fresh), out=str(out), steps=1, batch=2, n_lookahead=4, rank=4, eval_every=0, save_every=1, answered_only=flag)
+        train(model, cfg, progress=False)
+        seen = json.loads((out / "final" / "data-seen.json").read_text())["folders"][0]
+        assert seen["train_samples"] + seen["heldout_samples"] == count
+        assert json.loads((out / "train_config.json").read_text())["answered_only"] is flag
 
 
 def test_annotation_refuses_a_sample_of_another_prompt(tmp_path):
