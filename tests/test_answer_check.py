@@ -1,7 +1,8 @@
 """Checked answers: the build records whether a response holds the values its prompt asks for,
 and ``--answered-only`` training keeps only those that do.
 
-* ``answer_score`` against hand-worked strings (RULER's case-insensitive string match).
+* The check, RULER's case-insensitive string match (``tasks.sample.ruler_match``, as the evaluation
+  scores), against hand-worked strings.
 * A tiny model's build: each sample's recorded score equals the test's own check of its stored
   response (decoded with a toy tokenizer); a folder built before answers were checked gets the
   scores on a rerun, its tensors byte for byte unchanged; a sample built from another prompt is
@@ -19,7 +20,8 @@ import pytest
 from safetensors import safe_open
 
 from lookaheadkv.models import tiny_model
-from lookaheadkv.training.data import DataError, PromptRecord, TargetDataset, answer_score, build, sample_path
+from lookaheadkv.tasks.sample import ruler_match as answer_score
+from lookaheadkv.training.data import DataError, PromptRecord, TargetDataset, build, sample_path
 from lookaheadkv.training.train import TrainConfig, train
 
 

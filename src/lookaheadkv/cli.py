@@ -316,7 +316,7 @@ def data_build(
     with progress:
         built = build(llm, records, out, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids(llm, tokenizer), model_name=name, on_progress=on_progress, only=set(mine), batch_size=batch_size, tokenizer=tokenizer)
     typer.echo(f"{built} samples built now; {out} holds {len(list((out / 'samples').glob('*.safetensors')))} of {len(records)}")
-    checked = answer_scores(out, [records[i] for i in mine])
+    checked = answer_scores(out, mine)
     if checked:
         typer.echo(f"checkable answers: {sum(s >= 1.0 for s in checked)} of {len(checked)} hold every asked value (train --answered-only keeps those)")
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..tasks.sample import Sample
+from ..tasks.sample import Sample, ruler_match, string_match_all, string_match_part  # noqa: F401 (the RULER matches, re-exported)
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -216,18 +216,6 @@ def longbench_score(
     return max(scorer(prediction, ref) for ref in references)
 
 
-def string_match_all(prediction: str, answers: Sequence[str]) -> float:
-    """RULER ``string_match_all``: share of answers found (case-insensitive substring) in the prediction."""
-    pred = prediction.lower()
-    return sum(ans.lower() in pred for ans in answers) / len(answers)
-
-
-def string_match_part(prediction: str, answers: Sequence[str]) -> float:
-    """RULER ``string_match_part``: 1 if any answer is found (case-insensitive substring), else 0."""
-    pred = prediction.lower()
-    return float(any(ans.lower() in pred for ans in answers))
-
-
 def prefix_share(prediction: str, answer: str) -> float:
     """Share of ``answer`` whose longest prefix occurs in ``prediction`` (case-insensitive).
 
@@ -304,9 +292,8 @@ def score_sample(sample: Sample, prediction: str) -> dict[str, float]:
         ("part"); for LongBench metrics equal to ``score``.
     """
     if sample.metric in RULER_METRICS:
-        match = string_match_all if sample.metric == "all" else string_match_part
         return {
-            "score": match(prediction, sample.answers),
+            "score": ruler_match(prediction, sample.answers, sample.metric),
             "graded": graded_match(prediction, sample.answers, sample.metric),
         }
     score = longbench_score(

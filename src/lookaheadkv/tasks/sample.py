@@ -56,6 +56,27 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def string_match_all(prediction: str, answers: Sequence[str]) -> float:
+    """RULER ``string_match_all``: share of answers found (case-insensitive substring) in the prediction."""
+    pred = prediction.lower()
+    return sum(ans.lower() in pred for ans in answers) / len(answers)
+
+
+def string_match_part(prediction: str, answers: Sequence[str]) -> float:
+    """RULER ``string_match_part``: 1 if any answer is found (case-insensitive substring), else 0."""
+    pred = prediction.lower()
+    return float(any(ans.lower() in pred for ans in answers))
+
+
+def ruler_match(prediction: str, answers: Sequence[str], metric: str = "all") -> float:
+    """RULER's string match of ``prediction`` against ``answers``: :func:`string_match_all` for
+    ``metric="all"``, :func:`string_match_part` for ``"part"``. The evaluation scores answers with
+    it, and the training data build checks the model's own answers with it."""
+    if not answers:
+        raise ValueError("a string match needs at least one answer")
+    return (string_match_part if metric == "part" else string_match_all)(prediction, answers)
+
+
 def _as_id_list(encoded: Any) -> list[int]:
     """Normalise what a tokenizer returns (dict / BatchEncoding, tensor, nested list) to ``list[int]``."""
     if isinstance(encoded, Mapping):

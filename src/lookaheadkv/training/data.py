@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..tasks.sample import ruler_match
 from .targets import generate_responses, make_target
 
 MANIFEST = "manifest.json"
@@ -93,15 +94,6 @@ class PromptRecord:
     match: str = "all"
 
 
-def answer_score(text: str, expect, match: str = "all") -> float:
-    """Share of ``expect`` found in ``text`` as case-insensitive substrings (RULER's string match;
-    ``match="part"``: 1.0 when any is found)."""
-    found = [value.lower() in text.lower() for value in expect]
-    if not found:
-        raise ValueError("answer_score needs at least one expected value")
-    return float(any(found)) if match == "part" else sum(found) / len(found)
-
-
 def fingerprint(records: list[PromptRecord]) -> str:
     h = hashlib.sha256()
     for r in records:
@@ -160,7 +152,7 @@ def build(
     """Generate targets for every record not yet on disk (or only those in ``only``); returns how many were built now.
 
     With a ``tokenizer``, each sample of a record with ``expect`` also records ``answer_score``
-    (:func:`answer_score` of its decoded response) in its metadata; a sample already on disk
+    (RULER's string match of its decoded response, :func:`lookaheadkv.tasks.sample.ruler_match`) in its metadata; a sample already on disk
     that lacks it (built before answers were checked) gets it now, from its stored response.
 
     With ``batch_size`` > 1 the responses of that many prompts are decoded together (one
@@ -242,18 +234,14 @@ ANSWER_SCORE = "answer_score"  # metadata key: how much of a checkable answer th
 
 def _score_text(response_ids: torch.Tensor, record: PromptRecord, tokenizer) -> str:
     text = tokenizer.decode(response_ids.tolist(), skip_special_tokens=True)
-    return f"{answer_score(text, record.expect, record.match):.4f}"
+    return f"{ruler_match(text, record.expect, record.match):.4f}"
 
 
-def answer_scores(out: str | Path, records: list[PromptRecord]) -> list[float]:
-    """The recorded ``answer_score`` of each built sample of ``records`` that has one (in order)."""
-    index = {r.id: i for i, r in enumerate(records)}
-    scores = []
-    for path in sorted((Path(out) / "samples").glob("*.safetensors")):
-        item = read_sample(path, full=False)
-        if item["id"] in index and item[ANSWER_SCORE] is not None:
-            scores.append(item[ANSWER_SCORE])
-    return scores
+def answer_scores(out: str | Path, indices) -> list[float]:
+    """The recorded ``answer_score`` of each built sample among ``indices`` that has one (in order)."""
+    paths = [sample_path(Path(out), i) for i in sorted(indices)]
+    scores = [read_sample(path, full=False)[ANSWER_SCORE] for path in paths if path.exists()]
+    return [score for score in scores if score is not None]
 
 
 def _answered(score: float | None) -> bool:
@@ -315,21 +303,19 @@ class TargetDataset:
         self.paths, self.counts = [], []
         for f in folders:
             paths = sorted((f / "samples").glob("*.safetensors"))
-            if split != "all":
-                want = split == "heldout"
-                paths = [p for p in paths if (self._hash(source_id(self._id(p))) % heldout_every == 0) == want]
-            if answered_only:
-                paths = [p for p in paths if _answered(read_sample(p, full=False)[ANSWER_SCORE])]
+            if split != "all" or answered_only:
+                metas = {p: read_sample(p, full=False) for p in paths}  # one header read per file
+                if split != "all":
+                    want = split == "heldout"
+                    paths = [p for p in paths if (self._hash(source_id(metas[p]["id"])) % heldout_every == 0) == want]
+                if answered_only:
+                    paths = [p for p in paths if _answered(metas[p][ANSWER_SCORE])]
             self.paths += paths
             self.counts.append(len(paths))
 
     @staticmethod
     def _hash(text: str) -> int:
         return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
-
-    @staticmethod
-    def _id(path: Path) -> str:
-        return read_sample(path, full=False)["id"]
 
     def spread(self, n: int) -> list[int]:
         """Indices of ``n`` samples taken from the folders in turn (one folder: ``0 .. n-1``)."""
